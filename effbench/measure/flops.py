@@ -1,0 +1,61 @@
+"""FLOP counting with torch.utils.flop_counter.FlopCounterMode.
+
+torch counts matmuls, convolutions and the CUDA SDPA kernels, but not the CPU flash
+kernel (``aten._scaled_dot_product_flash_attention_for_cpu``); we hand FlopCounterMode
+torch's own SDPA formulas for it through ``custom_mapping``, so SDPA on the CPU is
+counted like SDPA on a GPU. Ops that look like matrix products but that no formula
+covers are reported, so a caller can fall back to the mechanism's analytic count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.utils.flop_counter as fc
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_HEAVY = ("mm", "matmul", "attention", "conv", "einsum", "linear", "baddbmm")
+
+
+def _custom_mapping() -> dict:
+    mapping = {}
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None:
+        def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+        mapping[fwd] = cpu_sdpa
+    if bwd is not None:
+        def cpu_sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+        mapping[bwd] = cpu_sdpa_bwd
+    return mapping
+
+
+class _Uncounted(TorchDispatchMode):
+    """Names of heavy-looking ops that no FLOP formula covers."""
+
+    def __init__(self, known: set):
+        super().__init__()
+        self.known = known
+        self.missing: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket not in self.known:
+            name = func.overloadpacket.__name__
+            if any(h in name for h in _HEAVY) and not name.startswith("_to_copy"):
+                self.missing.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, list[str]]:
+    """Run ``fn`` once under FlopCounterMode; return (total FLOPs, uncounted heavy op names)."""
+    mapping = _custom_mapping()
+    known = set(fc.flop_registry) | {op.overloadpacket if hasattr(op, "overloadpacket") else op for op in mapping}
+    counter = fc.FlopCounterMode(display=False, custom_mapping=mapping)
+    watcher = _Uncounted(known)
+    with counter, watcher:
+        fn()
+    return int(counter.get_total_flops()), sorted(watcher.missing)

@@ -1,0 +1,223 @@
+"""Peak-memory readings.
+
+- :class:`StorageTracker`: a ``TorchDispatchMode`` that follows every tensor storage
+  *allocated during the call* from the op that creates it until Python frees it, and
+  keeps the peak of their summed ``nbytes``. Exact and repeatable on any device, and
+  it works unchanged under ``FakeTensorMode`` (which is how ``predict`` reads a peak
+  without allocating anything). It sees storages, not allocator caching or a fused
+  kernel's private scratch space: that is what RSS and the CUDA allocator add.
+- :func:`rss_pass`: peak resident set size of this process during a call, from
+  Linux's VmHWM after resetting it through ``/proc/self/clear_refs``.
+- :func:`cuda_pass`: the allocator's peak, as PyTorch's memory-management notes say:
+  empty the cache, reset peak stats, synchronise, run, synchronise, read
+  ``max_memory_allocated``/``max_memory_reserved`` minus what was held before.
+- :class:`NvmlSampler`: device memory used, polled by NVML in a background thread,
+  minus the idle baseline taken before the pass.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def _storages(obj: Any) -> list:
+    out = []
+    for t in tree_flatten(obj)[0]:
+        if isinstance(t, torch.Tensor):
+            try:
+                out.append(t.untyped_storage())
+            except (RuntimeError, NotImplementedError):  # sparse/nested layouts have no single storage
+                pass
+    return out
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes of tensor storage allocated inside the context, and their peak.
+
+    A storage counts as new when an op returns it and it is neither an argument's
+    storage (views, in-place and ``out=`` ops alias their inputs) nor one already
+    counted. It stops counting when Python releases the storage.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self.allocations = 0
+        self._live: dict[int, int] = {}  # id(storage) -> nbytes
+        self._lock = threading.Lock()
+
+    def _free(self, key: int) -> None:
+        with self._lock:
+            self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {id(s) for s in _storages((args, kwargs))}
+        for st in _storages(out):
+            key = id(st)
+            if key in inputs or key in self._live:
+                continue
+            nbytes = st.nbytes()
+            if nbytes == 0:
+                continue
+            with self._lock:
+                self._live[key] = nbytes
+                self.current += nbytes
+                self.allocations += 1
+                self.peak = max(self.peak, self.current)
+            weakref.finalize(st, self._free, key)
+        return out
+
+
+def tracked_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``fn`` under a :class:`StorageTracker`; return (peak bytes, result)."""
+    gc.collect()
+    with StorageTracker() as tracker:
+        result = fn()
+    return tracker.peak, result
+
+
+# ---------------------------------------------------------------------------- RSS
+
+def _read_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_pass(fn: Callable[[], Any]) -> tuple[int | None, Any]:
+    """Peak RSS during ``fn`` minus RSS before it, in bytes (None where Linux's /proc is absent)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    before = _read_status_kib("VmRSS")
+    result = fn()
+    peak = _read_status_kib("VmHWM")
+    if not reset or before is None or peak is None:
+        return None, result
+    return max(0, (peak - before) * 1024), result
+
+
+# --------------------------------------------------------------------------- CUDA
+
+@dataclass
+class CudaReading:
+    peak_alloc_bytes: int
+    peak_reserved_bytes: int
+
+
+def cuda_pass(fn: Callable[[], Any], device: torch.device | str, cuda: Any = None) -> tuple[CudaReading, Any]:
+    """Allocator peak of ``fn`` on ``device``, above what was allocated/reserved before it.
+
+    ``cuda`` defaults to ``torch.cuda``; tests pass a fake to check the order of calls.
+    """
+    cuda = torch.cuda if cuda is None else cuda
+    gc.collect()
+    cuda.synchronize(device)
+    cuda.empty_cache()
+    cuda.reset_peak_memory_stats(device)
+    alloc_before = cuda.memory_allocated(device)
+    reserved_before = cuda.memory_reserved(device)
+    result = fn()
+    cuda.synchronize(device)
+    reading = CudaReading(
+        peak_alloc_bytes=cuda.max_memory_allocated(device) - alloc_before,
+        peak_reserved_bytes=cuda.max_memory_reserved(device) - reserved_before,
+    )
+    return reading, result
+
+
+# --------------------------------------------------------------------------- NVML
+
+def load_nvml() -> Any | None:
+    """The ``pynvml`` module (from nvidia-ml-py), initialised, or None when NVML is unavailable."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+        return None
+
+
+@dataclass
+class NvmlSampler:
+    """Poll device memory used (and this process's, where the driver reports it) every ``interval_s``.
+
+    Use as a context manager around the memory pass; ``peak_bytes`` is the highest
+    device reading minus the idle baseline read on entry (``None`` if NVML failed).
+    """
+
+    nvml: Any
+    index: int = 0
+    interval_s: float = 0.002
+    pid: int = field(default_factory=os.getpid)
+    baseline: int | None = None
+    peak_used: int | None = None
+    process_peak: int | None = None
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _read(self) -> tuple[int, int | None]:
+        handle = self.nvml.nvmlDeviceGetHandleByIndex(self.index)
+        used = int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used)
+        mine = None
+        try:
+            for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == self.pid and proc.usedGpuMemory is not None:
+                    mine = int(proc.usedGpuMemory)
+        except Exception:  # not supported on every driver / in containers
+            mine = None
+        return used, mine
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def _sample(self) -> None:
+        used, mine = self._read()
+        self.samples += 1
+        self.peak_used = used if self.peak_used is None else max(self.peak_used, used)
+        if mine is not None:
+            self.process_peak = mine if self.process_peak is None else max(self.process_peak, mine)
+
+    def __enter__(self) -> "NvmlSampler":
+        self.baseline, _ = self._read()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()  # one last reading after the pass
+
+    @property
+    def peak_bytes(self) -> int | None:
+        if self.baseline is None or self.peak_used is None:
+            return None
+        return max(0, self.peak_used - self.baseline)

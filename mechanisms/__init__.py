@@ -1,0 +1,25 @@
+"""The registry of attention mechanisms (pure PyTorch; imports nothing from effbench).
+
+Importing this package registers every built-in mechanism::
+
+    import mechanisms
+    spec = mechanisms.get("local")
+    m = spec.build(head_dim=64, heads=8, n=4096, causal=False, seed=0, window=128)
+    out = m(q, k, v)                 # (B, H, N, D) -> (B, H, N, D)
+"""
+
+from .base import (
+    AXES, FAMILIES, REGISTRY, Knob, MechanismSpec, RegistryError, get, register,
+    causal_mask, mask_from_mod, masked_softmax_attention, positions,
+)
+
+# One module per mechanism; each registers itself on import.
+from . import dense, sdpa  # noqa: E402,F401  exact
+from . import local, dilated, longformer, bigbird  # noqa: E402,F401  sparse patterns
+from . import linear, performer, linformer  # noqa: E402,F401  kernel and low-rank
+from . import reformer, recurrent, axial  # noqa: E402,F401  hashing, recurrence, positions
+
+__all__ = [
+    "AXES", "FAMILIES", "REGISTRY", "Knob", "MechanismSpec", "RegistryError", "get", "register",
+    "causal_mask", "mask_from_mod", "masked_softmax_attention", "positions",
+]
