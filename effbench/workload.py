@@ -26,32 +26,33 @@ class Workload:
     info: dict = field(default_factory=dict)
 
 
-def prepare(case: Case, device: str | None = None) -> Workload:
-    """Build the mechanism and inputs for ``case`` and return the call to measure.
+def build_module(case: Case, device: str | None = None) -> tuple[torch.nn.Module, float]:
+    """The mechanism for ``case`` on its device and dtype, and the build time in ms."""
+    t0 = time.perf_counter()
+    module = case.spec().build(head_dim=case.head_dim, heads=case.heads, n=case.n, causal=case.causal,
+                               seed=case.seed, **case.knob_dict)
+    module = module.to(device=device or case.device, dtype=case.torch_dtype)
+    if case.mode == "fwd":
+        module.requires_grad_(False)
+    return module, (time.perf_counter() - t0) * 1e3
+
+
+def make_call(case: Case, module: torch.nn.Module, device: str | None = None) -> tuple[tuple[torch.Tensor, ...], Callable[[], Any]]:
+    """Inputs for ``case`` and the call to measure.
 
     ``fwd`` runs the forward under ``torch.no_grad()`` (inference); ``fwd+bwd`` runs the
     forward with inputs (and parameters) requiring grad, then backward from a fixed
-    upstream gradient; input grads are cleared before each call.
+    upstream gradient made here; input and parameter grads are cleared before each call.
+    Under a FakeTensorMode the inputs come out fake, which is how predictions are made.
     """
-    spec = case.spec()
     device = device or case.device
     dtype = case.torch_dtype
-    t0 = time.perf_counter()
-    module = spec.build(head_dim=case.head_dim, heads=case.heads, n=case.n, causal=case.causal,
-                        seed=case.seed, **case.knob_dict)
-    module = module.to(device=device, dtype=dtype)
-    build_ms = (time.perf_counter() - t0) * 1e3
     backward = case.mode == "fwd+bwd"
-    inputs = spec.make_inputs(batch=case.batch, heads=case.heads, n=case.n, head_dim=case.head_dim,
-                              dtype=dtype, device=device, seed=case.seed, requires_grad=backward)
-    if not backward:
-        module.requires_grad_(False)
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    info = dict(module.build_info()) if hasattr(module, "build_info") else {}
-
+    inputs = case.spec().make_inputs(batch=case.batch, heads=case.heads, n=case.n, head_dim=case.head_dim,
+                                     dtype=dtype, device=device, seed=case.seed, requires_grad=backward)
     if backward:
         g = torch.Generator(device="cpu").manual_seed(case.seed + 7)
-        upstream = torch.randn(inputs[0].shape, generator=g).to(device=device, dtype=dtype)  # same shape as the output
+        upstream = torch.randn(inputs[0].shape, generator=g).to(device=device, dtype=dtype)  # output's shape
 
         def call():
             for t in inputs:
@@ -64,6 +65,17 @@ def prepare(case: Case, device: str | None = None) -> Workload:
         def call():
             with torch.no_grad():
                 return module(*inputs)
+    return inputs, call
 
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def prepare(case: Case, device: str | None = None) -> Workload:
+    """Build the mechanism and inputs for ``case`` and return the call to measure."""
+    module, build_ms = build_module(case, device)
+    inputs, call = make_call(case, module, device)
+    info = dict(module.build_info()) if hasattr(module, "build_info") else {}
     return Workload(case=case, module=module, inputs=inputs, call=call, build_ms=build_ms,
-                    param_bytes=param_bytes, info=info)
+                    param_bytes=param_bytes(module), info=info)

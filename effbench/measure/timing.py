@@ -1,0 +1,75 @@
+"""Wall time: warm up, then repeat; median and IQR over the repeats, never a single number.
+
+The statistics come from torch.utils.benchmark's ``Measurement`` (it keeps the raw
+samples and derives median and IQR). On the CPU the samples come from
+``torch.utils.benchmark.Timer`` (one call per sample, or ``blocked_autorange`` for a
+minimum run time), with the case's thread count. On CUDA each sample is bracketed by
+CUDA events: ``start.record(); fn(); end.record(); end.synchronize();
+start.elapsed_time(end)``, as the CUDA semantics notes describe, so asynchronous
+launches are timed to completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils import benchmark
+from torch.utils.benchmark.utils.common import Measurement, TaskSpec
+
+NOISY_IQR_RATIO = 0.10
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    iqr_ms: float
+    repeats: int
+    samples_ms: list[float]
+    timer: str
+
+    @property
+    def noisy(self) -> bool:
+        return self.median_ms > 0 and self.iqr_ms / self.median_ms > NOISY_IQR_RATIO
+
+
+def _from_measurement(m: Measurement, timer: str) -> Timing:
+    samples = [t * 1e3 for t in m.times]
+    return Timing(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, repeats=len(samples), samples_ms=samples, timer=timer)
+
+
+def time_cpu(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_time: float | None = None,
+             label: str = "attention") -> Timing:
+    """Median/IQR of ``fn`` on the CPU with torch.utils.benchmark.Timer."""
+    for _ in range(warmup):
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
+    if min_time is not None:
+        m = timer.blocked_autorange(min_run_time=min_time)
+        return _from_measurement(m, "torch.utils.benchmark.blocked_autorange")
+    merged = Measurement.merge([timer.timeit(number=1) for _ in range(repeats)])[0]
+    return _from_measurement(merged, "torch.utils.benchmark.Timer")
+
+
+def time_cuda(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_time: float | None = None,
+              device: Any = None, cuda: Any = None, label: str = "attention") -> Timing:
+    """Median/IQR of ``fn`` on a GPU with CUDA events (``cuda`` defaults to ``torch.cuda``; tests pass a fake)."""
+    cuda = torch.cuda if cuda is None else cuda
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize(device)
+    times_s: list[float] = []
+    spent = 0.0
+    while len(times_s) < repeats or (min_time is not None and spent < min_time):
+        start = cuda.Event(enable_timing=True)
+        end = cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        elapsed = start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+        times_s.append(elapsed)
+        spent += elapsed
+    m = Measurement(number_per_run=1, raw_times=times_s, task_spec=TaskSpec(stmt="fn()", setup="", label=label))
+    return _from_measurement(m, "cuda-events")

@@ -1,0 +1,202 @@
+"""The row schema and the results file: one CSV row per case, appended and flushed one by one.
+
+Bytes are stored raw (MiB/GiB only for display). A JSON sidecar beside the CSV
+(``results.csv`` -> ``results.json``) records, for every sweep that wrote to it, the
+environment and the command line; rows point to it through ``run_id``.
+
+Crash safety: each row is one ``write`` of a whole line followed by flush + fsync;
+a torn last line (the process was killed mid-write) is cut off before the next
+append and ignored when reading, so a results file is never left broken.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+import mechanisms
+
+STATUSES = ("ok", "oom", "predicted_oom", "timeout", "killed", "error", "skipped")
+
+CASE_COLUMNS = ["case_key", "mechanism", "family", "n", "batch", "heads", "head_dim", "dtype", "device",
+                "mode", "causal", "seed"]
+RESULT_COLUMNS = [
+    "status", "time_ms_median", "time_ms_iqr", "repeats", "timer",
+    "peak_alloc_bytes", "peak_reserved_bytes", "nvml_peak_bytes", "nvml_process_peak_bytes",
+    "peak_tensor_bytes", "rss_peak_bytes", "predicted_bytes", "param_bytes",
+    "flops", "flops_source", "build_ms", "impl", "error", "run_id",
+]
+INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "repeats", "peak_alloc_bytes", "peak_reserved_bytes",
+               "nvml_peak_bytes", "nvml_process_peak_bytes", "peak_tensor_bytes", "rss_peak_bytes",
+               "predicted_bytes", "param_bytes", "flops"]
+
+
+class ResultsError(ValueError):
+    """A results file that is missing, unreadable or not an effbench CSV."""
+
+
+def knob_columns(extra: Iterable[str] = ()) -> list[str]:
+    """One column per knob name in the registry (plus ``extra``), sorted."""
+    names = {k.name for spec in mechanisms.REGISTRY.values() for k in spec.knobs}
+    return sorted(names | set(extra))
+
+
+def columns(extra_knobs: Iterable[str] = ()) -> list[str]:
+    return CASE_COLUMNS + knob_columns(extra_knobs) + RESULT_COLUMNS
+
+
+def sidecar_path(csv_path: str | Path) -> Path:
+    p = Path(csv_path)
+    return p.with_suffix(".json") if p.suffix else p.with_name(p.name + ".json")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "" if value != value else repr(value)
+    return str(value)
+
+
+def _line(values: list[Any]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([_fmt(v) for v in values])
+    return buf.getvalue()
+
+
+def _read_header(path: Path) -> list[str] | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, newline="") as fh:
+        first = fh.readline()
+    if not first.endswith("\n"):
+        return None  # a torn header: nothing was ever written after it
+    return next(csv.reader([first]))
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line that was cut off mid-write (no trailing newline)."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        fh.seek(0)
+        data = fh.read()
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+
+
+class ResultsWriter:
+    """Appends rows to a results CSV, one flushed and fsynced line per row.
+
+    Opening an existing file keeps its rows untouched; if the new rows need a column
+    the file lacks (a plugin's knob), the header is widened by an atomic rewrite that
+    leaves every existing value as it was.
+    """
+
+    def __init__(self, path: str | Path, extra_knobs: Iterable[str] = ()):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        wanted = columns(extra_knobs)
+        header = _read_header(self.path)
+        if header is None:
+            self.columns = wanted
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(_line(wanted))
+            os.replace(tmp, self.path)
+        else:
+            check_header(header, self.path)
+            _cut_torn_tail(self.path)
+            missing = [c for c in wanted if c not in header]
+            self.columns = header + missing
+            if missing:
+                self._widen(header)
+
+    def _widen(self, old: list[str]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(self.path, newline="") as src, open(tmp, "w", newline="") as dst:
+            reader = csv.reader(src)
+            next(reader)
+            dst.write(_line(self.columns))
+            for row in reader:
+                dst.write(_line(row + [""] * (len(self.columns) - len(row))))
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise ResultsError(f"row has columns the file lacks: {', '.join(sorted(unknown))}")
+        line = _line([row.get(c) for c in self.columns])
+        with open(self.path, "a", newline="") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def check_header(header: list[str], path: Path | str) -> None:
+    needed = {"case_key", "mechanism", "n", "status"}
+    if not needed <= set(header):
+        raise ResultsError(f"{path} is not an effbench results CSV (missing columns: "
+                           f"{', '.join(sorted(needed - set(header)))})")
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """Read a results CSV into a DataFrame (torn last line ignored; bool/int columns typed)."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultsError(f"results file not found: {path}")
+    if path.is_dir():
+        raise ResultsError(f"{path} is a directory, not a results CSV")
+    header = _read_header(path)
+    if header is None:
+        raise ResultsError(f"{path} is empty, not an effbench results CSV")
+    check_header(header, path)
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype={"case_key": str, "error": str, "impl": str})
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path} could not be parsed as CSV: {exc}") from None
+    if "causal" in df:
+        df["causal"] = df["causal"].map(lambda v: str(v).lower() == "true")
+    for col in INT_COLUMNS:
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    return df
+
+
+def done_keys(path: str | Path) -> set[str]:
+    """Case keys already in a results file (for ``--resume``)."""
+    path = Path(path)
+    if not path.exists() or _read_header(path) is None:
+        return set()
+    return set(read_results(path)["case_key"].dropna().astype(str))
+
+
+def append_run(path: str | Path, run: Mapping[str, Any]) -> None:
+    """Add one sweep's environment record to the JSON sidecar (atomic rewrite)."""
+    side = sidecar_path(path)
+    data = {"format": "effbench-results/1", "runs": []}
+    if side.exists():
+        try:
+            data = json.loads(side.read_text())
+        except json.JSONDecodeError:
+            data = {"format": "effbench-results/1", "runs": [], "note": "previous sidecar was unreadable"}
+    data.setdefault("runs", []).append(dict(run))
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, side)
