@@ -1,0 +1,59 @@
+"""Planted mechanisms that misbehave in every way a real one can, for the runner's tests."""
+
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+
+from mechanisms import register
+
+
+class _Base(nn.Module):
+    def __init__(self, *, head_dim, heads, n, causal, seed):
+        super().__init__()
+
+    def reference(self, q, k, v):
+        return v
+
+
+@register(name="plant-killed", family="exact", complexity="O(1)")
+class KillsItself(_Base):
+    """Sends itself SIGKILL, as the OS OOM killer would."""
+
+    def forward(self, q, k, v):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@register(name="plant-hang", family="exact", complexity="O(∞)")
+class Hangs(_Base):
+    """Sleeps far past any timeout."""
+
+    def forward(self, q, k, v):
+        time.sleep(600)
+
+
+@register(name="plant-oom", family="exact", complexity="O(1)")
+class RunsOutOfMemory(_Base):
+    """Raises torch.OutOfMemoryError, as the CUDA caching allocator does."""
+
+    def forward(self, q, k, v):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (planted)")
+
+
+@register(name="plant-error", family="exact", complexity="O(1)")
+class Fails(_Base):
+    """Raises an ordinary exception with a multi-line message."""
+
+    def forward(self, q, k, v):
+        raise ValueError("something\nwent wrong")
+
+
+@register(name="plant-slow", family="exact", complexity="O(1)")
+class Slow(_Base):
+    """Correct (identity on v) but slow enough to be killed mid-sweep in tests."""
+
+    def forward(self, q, k, v):
+        time.sleep(0.3)
+        return v.clone()

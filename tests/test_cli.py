@@ -1,0 +1,92 @@
+"""The CLI through typer's CliRunner: happy paths and one clean line for every bad input."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from effbench import results
+from effbench.cli import app
+
+runner = CliRunner()
+PLUGIN = str(Path(__file__).parent / "plugins" / "faulty.py")
+
+
+def _fails(args, *needles):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert "Traceback" not in r.output
+    text = " ".join(r.output.split())
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+def test_list_shows_registry():
+    r = runner.invoke(app, ["list"])
+    assert r.exit_code == 0
+    assert "dense" in r.output and "sdpa" in r.output
+
+
+def test_list_with_plugin():
+    r = runner.invoke(app, ["list", "--plugin", PLUGIN])
+    assert r.exit_code == 0 and "plant-oom" in r.output
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["sweep", "--mech", "nope"], ["unknown mechanism 'nope'", "dense"]),
+    (["sweep", "--mech", "dense", "--n", "12x"], ["--n", "'12x' is not a whole number"]),
+    (["sweep", "--mech", "dense", "--n", "0"], ["below the minimum"]),
+    (["sweep", "--mech", "dense", "--n", "-5"], ["not a whole number"]),
+    (["sweep", "--mech", "dense", "--dtype", "float8"], ["--dtype 'float8' is not one of"]),
+    (["sweep", "--mech", "dense", "--mode", "bwd"], ["--mode 'bwd'"]),
+    (["sweep", "--mech", "dense", "--device", "cuda"], ["no CUDA GPU"]),
+    (["sweep", "--mech", "dense", "--device", "tpu"], ["choose auto, cpu or cuda"]),
+    (["sweep", "--mech", "dense", "--mem-budget", "lots"], ["--mem-budget 'lots' does not parse"]),
+    (["sweep", "--mech", "dense", "--window", "8"], ["--window given but no selected mechanism takes it"]),
+    (["sweep", "--mech", "dense", "--batch", "0"], ["--batch must be a positive integer"]),
+    (["sweep", "--mech", "dense", "--knob", "oops"], ["NAME=V1,V2"]),
+    (["sweep", "--plugin", "/no/such/plugin.py"], ["plugin file not found"]),
+    (["estimate", "--mech", "dense", "--n", "a,b"], ["not a whole number"]),
+])
+def test_bad_input_one_line_exit_2(args, needles):
+    _fails(args, *needles)
+
+
+def test_resume_refuses_foreign_file(tmp_path):
+    other = tmp_path / "x.csv"
+    other.write_text("a,b\n1,2\n")
+    _fails(["sweep", "--mech", "dense", "--n", "16", "--out", str(other), "--resume"], "not an effbench results CSV")
+
+
+def test_sweep_writes_rows_and_sidecar(tmp_path):
+    out = tmp_path / "r.csv"
+    r = runner.invoke(app, ["sweep", "--mech", "dense,sdpa", "--n", "64,128", "--heads", "2", "--head-dim", "16",
+                            "--repeats", "2", "--warmup", "0", "--out", str(out), "--causal"])
+    assert r.exit_code == 0, r.output
+    df = results.read_results(out)
+    assert len(df) == 4 and (df["status"] == "ok").all() and df["causal"].all()
+    assert (df["time_ms_median"] > 0).all() and (df["repeats"] == 2).all()
+    assert (df["flops"] == 4 * 2 * df["n"] ** 2 * 16).all()
+    assert set(df["flops_source"]) == {"FlopCounterMode"}
+    side = results.sidecar_path(out).read_text()
+    assert '"torch"' in side and '"command"' in side and '"nvml": false' in side
+    assert "written to" in r.output
+
+
+def test_estimate_prints_predictions(tmp_path):
+    out = tmp_path / "e.csv"
+    r = runner.invoke(app, ["estimate", "--mech", "dense,sdpa", "--n", "131072", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    df = results.read_results(out).set_index("mechanism")
+    assert df.loc["dense", "predicted_bytes"] >= 512 * 2**30
+    assert df.loc["sdpa", "predicted_bytes"] < 2**30
+    assert "TiB" in r.output
+
+
+def test_predicted_oom_under_budget(tmp_path):
+    out = tmp_path / "r.csv"
+    r = runner.invoke(app, ["sweep", "--mech", "dense", "--n", "16384", "--mem-budget", "1GiB", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    df = results.read_results(out)
+    assert list(df["status"]) == ["predicted_oom"]

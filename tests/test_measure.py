@@ -1,0 +1,192 @@
+"""Measurement logic: exact tracker counts, FLOPs, and the CUDA/NVML paths driven by fakes."""
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+import mechanisms
+from effbench.cases import Case
+from effbench.measure.flops import count_flops
+from effbench.measure.memory import NvmlSampler, StorageTracker, cuda_pass, tracked_peak
+from effbench.measure.timing import time_cuda
+from effbench.runner import predict
+from effbench.workload import prepare
+
+
+def test_tracker_counts_known_allocations_exactly():
+    x = torch.zeros(1000)  # allocated before: not counted
+
+    def work():
+        a = torch.empty(256, dtype=torch.float32)  # 1024 B
+        b = torch.empty(100, dtype=torch.float64)  # 800 B, peak 1824
+        del a
+        c = torch.empty(10, dtype=torch.int8)  # 10 B
+        x.add_(1)  # in place: no new storage
+        v = x.view(10, 100).t()  # a view: no new storage
+        return b, c, v
+
+    peak, _ = tracked_peak(work)
+    assert peak == 1824
+
+
+def test_tracker_releases_and_counts_peak_not_total():
+    with StorageTracker() as t:
+        for _ in range(5):
+            y = torch.empty(1 << 20, dtype=torch.uint8)
+            del y
+    assert t.peak == 1 << 20 and t.current == 0 and t.allocations == 5
+
+
+def test_dense_flops_match_formula():
+    b, h, n, d = 2, 3, 64, 16
+    for name in ("dense", "sdpa"):
+        w = prepare(Case(mechanism=name, n=n, batch=b, heads=h, head_dim=d))
+        flops, missing = count_flops(w.call)
+        assert missing == []
+        assert flops == 4 * b * h * n * n * d
+
+
+def test_dense_memory_quadratic_sdpa_linear():
+    from helpers import growth
+
+    dense = growth("dense", [256, 512, 1024], heads=8, head_dim=64)
+    sdpa = growth("sdpa", [256, 512, 1024], heads=8, head_dim=64)
+    for (n0, m0, _), (n1, m1, _) in zip(dense, dense[1:]):
+        assert 3.5 <= m1 / m0 <= 4.5
+    for (n0, m0, _), (n1, m1, _) in zip(sdpa, sdpa[1:]):
+        assert m1 / m0 <= 2.3
+    # dense holds the scores and the probabilities: at least 2·B·H·N² float32
+    assert dense[-1][1] >= 2 * 8 * 1024 * 1024 * 4
+
+
+def test_prediction_equals_measured_tracker_peak():
+    for name, mode in (("dense", "fwd"), ("sdpa", "fwd"), ("dense", "fwd+bwd")):
+        case = Case(mechanism=name, n=384, heads=2, head_dim=32, mode=mode)
+        w = prepare(case)
+        w.call()
+        measured, _ = tracked_peak(w.call)
+        assert predict(case)["predicted_bytes"] == measured
+
+
+def test_prediction_of_huge_dense_allocates_nothing():
+    before = torch.empty(0)
+    pred = predict(Case(mechanism="dense", n=131072))
+    # scores + probabilities, fp32, B=1, H=8: 2 · 8 · 131072² · 4 bytes = 1 TiB
+    assert pred["predicted_bytes"] >= 512 * 2**30
+    assert predict(Case(mechanism="sdpa", n=131072))["predicted_bytes"] < 2**30
+
+
+class FakeCuda:
+    """Records the order of torch.cuda calls; memory numbers are scripted."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def synchronize(self, device=None):
+        self.log.append("synchronize")
+
+    def empty_cache(self):
+        self.log.append("empty_cache")
+
+    def reset_peak_memory_stats(self, device=None):
+        self.log.append("reset_peak_memory_stats")
+
+    def memory_allocated(self, device=None):
+        self.log.append("memory_allocated")
+        return 100
+
+    def memory_reserved(self, device=None):
+        self.log.append("memory_reserved")
+        return 200
+
+    def max_memory_allocated(self, device=None):
+        self.log.append("max_memory_allocated")
+        return 1100
+
+    def max_memory_reserved(self, device=None):
+        self.log.append("max_memory_reserved")
+        return 2200
+
+
+def test_cuda_pass_order_and_baseline():
+    log = []
+    reading, out = cuda_pass(lambda: log.append("run") or "result", "cuda:0", cuda=FakeCuda(log))
+    assert out == "result"
+    assert (reading.peak_alloc_bytes, reading.peak_reserved_bytes) == (1000, 2000)
+    run = log.index("run")
+    assert log.index("reset_peak_memory_stats") < log.index("memory_allocated") < run
+    assert log.index("empty_cache") < log.index("reset_peak_memory_stats")
+    assert "synchronize" in log[:run] and log[run + 1] == "synchronize"
+    assert log.index("max_memory_allocated") > run + 1 and log.index("max_memory_reserved") > run + 1
+
+
+class FakeNvml:
+    """Device memory 'used' is 500 B when idle, 800 B while the pass runs; this process holds 50/250."""
+
+    def __init__(self):
+        self.running = False
+        self.sampled_while_running = threading.Event()
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("handle", index)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        if self.running:
+            self.sampled_while_running.set()
+        return type("Mem", (), {"used": 800 if self.running else 500, "total": 10_000, "free": 0})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        import os
+        return [type("P", (), {"pid": os.getpid(), "usedGpuMemory": 250 if self.running else 50})(),
+                type("P", (), {"pid": -1, "usedGpuMemory": 9999})()]
+
+
+def test_nvml_sampler_subtracts_idle_baseline():
+    nvml = FakeNvml()
+
+    def workload():
+        nvml.running = True
+        assert nvml.sampled_while_running.wait(5)
+        nvml.running = False
+
+    with NvmlSampler(nvml, index=0, interval_s=0.001) as sampler:
+        workload()
+    assert sampler.baseline == 500
+    assert sampler.peak_bytes == 300
+    assert sampler.process_peak == 250
+    assert sampler.samples >= 2
+
+
+class FakeEvent:
+    clock = [0.0]
+    durations = iter([])
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = FakeEvent.clock[0]
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+
+def test_cuda_event_timing_median_and_iqr():
+    samples_ms = iter([10.0, 30.0, 20.0, 40.0, 50.0])
+    log = []
+
+    class Cuda(FakeCuda):
+        Event = FakeEvent
+
+    def fn():
+        FakeEvent.clock[0] += next(samples_ms)  # the work "takes" this many ms between the two records
+
+    t = time_cuda(fn, warmup=0, repeats=5, cuda=Cuda(log))
+    assert t.timer == "cuda-events" and t.repeats == 5
+    assert abs(t.median_ms - 30.0) < 1e-9
+    assert abs(t.iqr_ms - 20.0) < 1e-9  # quartiles 20 and 40
