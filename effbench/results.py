@@ -30,7 +30,7 @@ RESULT_COLUMNS = [
     "status", "time_ms_median", "time_ms_iqr", "repeats", "timer",
     "peak_alloc_bytes", "peak_reserved_bytes", "nvml_peak_bytes", "nvml_process_peak_bytes",
     "peak_tensor_bytes", "rss_peak_bytes", "predicted_bytes", "param_bytes",
-    "flops", "flops_source", "build_ms", "impl", "error", "run_id",
+    "flops", "flops_source", "build_ms", "impl", "readings", "error", "run_id",
 ]
 INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "repeats", "peak_alloc_bytes", "peak_reserved_bytes",
                "nvml_peak_bytes", "nvml_process_peak_bytes", "peak_tensor_bytes", "rss_peak_bytes",

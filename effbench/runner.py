@@ -129,6 +129,11 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
         return
     on_cuda = case.device.startswith("cuda")
     fake_flops = None
+    readings: list[str] = []
+
+    def took(*names: str) -> None:  # which readings this row has, said plainly in the row
+        readings.extend(names)
+        report({"readings": "+".join(readings)})
 
     if opts.predict or opts.predict_only:
         try:
@@ -139,6 +144,8 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
             pred = {"predict_error": _one_line(exc)}
         fake_flops = pred.pop("fake_flops", None)
         report({k: v for k, v in pred.items() if k in ("predicted_bytes", "param_bytes")})
+        if "predicted_bytes" in pred:
+            took("predicted")
         if opts.predict_only:
             report({"status": "ok" if "predicted_bytes" in pred else "error",
                     "error": pred.get("predict_error")})
@@ -162,12 +169,14 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
         else:
             t = time_cpu(w.call, warmup=opts.warmup, repeats=opts.repeats, min_time=opts.min_time)
         report({"time_ms_median": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer})
+        took("time")
     elif opts.memory:
         w.call()  # warm: lazily built state is not part of the peak
 
     if opts.memory:
         peak, _ = tracked_peak(w.call)
         report({"peak_tensor_bytes": int(peak)})
+        took("tracker")
         if on_cuda:
             dev = torch.device(case.device)
             nvml = load_nvml()
@@ -180,14 +189,18 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
             report({"peak_alloc_bytes": reading.peak_alloc_bytes, "peak_reserved_bytes": reading.peak_reserved_bytes,
                     "nvml_peak_bytes": sampler.peak_bytes if sampler else None,
                     "nvml_process_peak_bytes": sampler.process_peak if sampler else None})
+            took("cuda-allocator", *(["nvml"] if sampler is not None and sampler.peak_bytes is not None else []))
         else:
             rss, _ = rss_pass(w.call)
             report({"rss_peak_bytes": rss})
+            if rss is not None:
+                took("rss")
 
     if opts.measure_flops:
         # FlopCounterMode counts from shapes, so the count made on fake tensors is the count; else count for real.
         flops, missing = fake_flops if fake_flops is not None else count_flops(w.call)
         report(_flops_fields(spec, case, flops, missing))
+        took("flops")
     report({"status": "ok"})
 
 
