@@ -51,6 +51,14 @@ PluginOpt = Annotated[Optional[list[Path]], typer.Option("--plugin", help="Pytho
 MechOpt = Annotated[str, typer.Option("--mech", "-m", help="Comma list of mechanisms, or 'all'.")]
 NOpt = Annotated[str, typer.Option("--n", "-n", help="Comma list of sequence lengths, e.g. 512,4096,32768.")]
 AXIS_HELP = "Comma list for the {axis} axis; fed only to mechanisms with a knob on it."
+BatchOpt = Annotated[int, typer.Option(help="Batch size B.")]
+HeadsOpt = Annotated[int, typer.Option(help="Heads H.")]
+HeadDimOpt = Annotated[int, typer.Option("--head-dim", help="Head dimension D.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")]
+ModeOpt = Annotated[str, typer.Option(help="fwd (inference, no_grad) or fwd+bwd.")]
+CausalOpt = Annotated[bool, typer.Option("--causal/--no-causal", help="Causal (top-left aligned) or bidirectional.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for inputs and the mechanisms' random state.")]
+KnobOpt = Annotated[Optional[list[str]], typer.Option("--knob", "-k", help="Any knob by name: NAME=V1,V2 (repeatable).")]
 
 
 def select_mechanisms(text: str) -> list[str]:
@@ -97,6 +105,22 @@ def parse_knob_options(items: list[str] | None) -> dict[str, list[str]]:
     return out
 
 
+def make_cases(*, plugin, mech: str, n: str, batch: int, heads: int, head_dim: int, dtype: str, device: str,
+               mode: str, causal: bool, seed: int, knob: list[str] | None, axes: dict[str, str | None] | None = None):
+    """Load plugins, validate every sweep option and expand the cases (raises domain errors)."""
+    load_plugins(plugin)
+    names = select_mechanisms(mech)
+    ns = parse_int_list(n, "--n")
+    check_choice(dtype, DTYPES, "--dtype")
+    check_choice(mode, MODES, "--mode")
+    for name, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
+        if value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value}")
+    parsed_axes = {a: parse_list(v) for a, v in (axes or {}).items() if v is not None}
+    return expand(names, ns, axes=parsed_axes, knob_values=parse_knob_options(knob), batch=batch, heads=heads,
+                  head_dim=head_dim, dtype=dtype, device=device, mode=mode, causal=causal, seed=seed)
+
+
 def default_budget(device: str) -> int | None:
     """A safe share of what is free: 80% of available RAM, or 90% of free GPU memory."""
     if device.startswith("cuda"):
@@ -129,13 +153,13 @@ def list_cmd(plugin: PluginOpt = None) -> None:
 def sweep(
     mech: MechOpt = "all",
     n: NOpt = "512,1024,2048,4096",
-    batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
-    heads: Annotated[int, typer.Option(help="Heads H.")] = 8,
-    head_dim: Annotated[int, typer.Option("--head-dim", help="Head dimension D.")] = 64,
-    dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
+    batch: BatchOpt = 1,
+    heads: HeadsOpt = 8,
+    head_dim: HeadDimOpt = 64,
+    dtype: DtypeOpt = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
-    mode: Annotated[str, typer.Option(help="fwd (inference, no_grad) or fwd+bwd.")] = "fwd",
-    causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Causal (top-left aligned) or bidirectional.")] = False,
+    mode: ModeOpt = "fwd",
+    causal: CausalOpt = False,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls before timing.")] = 1,
     repeats: Annotated[int, typer.Option(min=1, help="Timed calls (median and IQR over them).")] = 5,
     min_time: Annotated[Optional[float], typer.Option("--min-time", help="Instead of --repeats: time for at least this many seconds.")] = None,
@@ -143,7 +167,7 @@ def sweep(
     mem_budget: Annotated[Optional[str], typer.Option("--mem-budget", help="Skip cases predicted above this (e.g. 20GiB; 'none' to disable). Default: 80% of free RAM / 90% of free GPU memory.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Results CSV (appended to).")] = Path("results.csv"),
     resume: Annotated[bool, typer.Option(help="Skip cases already in --out (by case key).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for inputs and the mechanisms' random state.")] = 0,
+    seed: SeedOpt = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch threads in each case (default: torch's).")] = None,
     window: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="window"))] = None,
     dilation: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="dilation"))] = None,
@@ -156,7 +180,7 @@ def sweep(
     segment: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="segment"))] = None,
     memory: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="memory"))] = None,
     compress: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="compress"))] = None,
-    knob: Annotated[Optional[list[str]], typer.Option("--knob", "-k", help="Any knob by name: NAME=V1,V2 (repeatable).")] = None,
+    knob: KnobOpt = None,
     plugin: PluginOpt = None,
 ) -> None:
     """Measure time, peak memory and FLOPs of each case; append one row per case to --out."""
@@ -165,23 +189,14 @@ def sweep(
     from .sweep import run_sweep
 
     with domain_errors():
-        load_plugins(plugin)
-        names = select_mechanisms(mech)
-        ns = parse_int_list(n, "--n")
-        check_choice(dtype, DTYPES, "--dtype")
-        check_choice(mode, MODES, "--mode")
-        for name, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
-            if value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value}")
         if timeout <= 0:
             raise UsageError(f"--timeout must be positive, got {timeout}")
         dev = check_device(device)
-        axis_values = {"window": window, "dilation": dilation, "globals": globals_, "block": block,
-                       "rounds": rounds, "bucket": bucket, "features": features, "rank": rank,
-                       "segment": segment, "memory": memory, "compress": compress}
-        axes = {a: parse_list(v) for a, v in axis_values.items() if v is not None}
-        cases = expand(names, ns, axes=axes, knob_values=parse_knob_options(knob), batch=batch, heads=heads,
-                       head_dim=head_dim, dtype=dtype, device=dev, mode=mode, causal=causal, seed=seed)
+        axes = {"window": window, "dilation": dilation, "globals": globals_, "block": block, "rounds": rounds,
+                "bucket": bucket, "features": features, "rank": rank, "segment": segment, "memory": memory,
+                "compress": compress}
+        cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+                           device=dev, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
         if mem_budget is None:
             budget = default_budget(dev)
         elif mem_budget.strip().lower() == "none":
@@ -255,16 +270,16 @@ def render_rows(rows: list[dict], title: str) -> None:
 def estimate(
     mech: MechOpt = "all",
     n: NOpt = "4096,32768,131072",
-    batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
-    heads: Annotated[int, typer.Option(help="Heads H.")] = 8,
-    head_dim: Annotated[int, typer.Option("--head-dim", help="Head dimension D.")] = 64,
-    dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
-    mode: Annotated[str, typer.Option(help="fwd or fwd+bwd.")] = "fwd",
-    causal: Annotated[bool, typer.Option("--causal/--no-causal")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
+    batch: BatchOpt = 1,
+    heads: HeadsOpt = 8,
+    head_dim: HeadDimOpt = 64,
+    dtype: DtypeOpt = "float32",
+    mode: ModeOpt = "fwd",
+    causal: CausalOpt = False,
+    seed: SeedOpt = 0,
     timeout: Annotated[float, typer.Option(help="Seconds per case.")] = 120.0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also append rows (predicted_bytes) to this CSV.")] = None,
-    knob: Annotated[Optional[list[str]], typer.Option("--knob", "-k", help="NAME=V1,V2 (repeatable).")] = None,
+    knob: KnobOpt = None,
     plugin: PluginOpt = None,
 ) -> None:
     """Predict each case's peak memory on fake tensors: nothing of size N is allocated."""
@@ -272,13 +287,8 @@ def estimate(
     from .sweep import run_sweep
 
     with domain_errors():
-        load_plugins(plugin)
-        names = select_mechanisms(mech)
-        ns = parse_int_list(n, "--n")
-        check_choice(dtype, DTYPES, "--dtype")
-        check_choice(mode, MODES, "--mode")
-        cases = expand(names, ns, knob_values=parse_knob_options(knob), batch=batch, heads=heads,
-                       head_dim=head_dim, dtype=dtype, device="cpu", mode=mode, causal=causal, seed=seed)
+        cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+                           device="cpu", mode=mode, causal=causal, seed=seed, knob=knob)
         opts = RunOptions(timeout=timeout, predict_only=True, plugins=tuple(str(p) for p in plugin or ()))
         rows: list[dict] = []
         target = out

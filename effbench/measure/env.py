@@ -71,28 +71,28 @@ def environment(command: list[str] | None = None) -> dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory_total_bytes": _mem_total(),
+        "memory_total_bytes": mem_total(),
     }
     env.update(gpu_info())
     return env
 
 
-def _mem_total() -> int | None:
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (None off Linux)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def mem_total() -> int | None:
+    """Bytes of RAM installed (Linux MemTotal)."""
+    return _meminfo("MemTotal")
 
 
 def mem_available() -> int | None:
     """Bytes of RAM available to new allocations (Linux MemAvailable)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _meminfo("MemAvailable")
