@@ -316,6 +316,47 @@ def estimate(
     out_console.print(table)
 
 
+@app.command()
+def verify(
+    mech: MechOpt = "all",
+    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Sequence length of the checks (default 777: a multiple of no window, block, bucket or segment).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "cpu",
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = 0,
+    tolerance: Annotated[Optional[float], typer.Option(help="Max abs error allowed against the float64 reference (default 1e-5 for float32, looser for fp16/bf16).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV of every check (read by `effbench plot --verify`).")] = Path("verify.csv"),
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
+    plugin: PluginOpt = None,
+) -> None:
+    """Check every mechanism against its own O(N²) reference and against dense attention; exit 1 on any failure."""
+    import torch
+
+    from .verify import render, run_verify, write_csv
+
+    with domain_errors():
+        load_plugins(plugin)
+        names = select_mechanisms(mech)
+        check_choice(dtype, DTYPES, "--dtype")
+        dev = check_device(device)
+        if n is not None and n < 2:
+            raise UsageError(f"--n must be at least 2, got {n}")
+        if threads:
+            torch.set_num_threads(threads)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err_console, transient=True) as progress:
+            task = progress.add_task("verify", total=len(names))
+
+            def on_progress(done: int, total: int, label: str) -> None:
+                progress.update(task, completed=done, total=total, description=f"verify {label}")
+
+            report = run_verify(names, n, device=dev, dtype=dtype, seed=seed, tolerance=tolerance, progress=on_progress)
+        write_csv(report, out)
+    render(report, out_console)
+    err_console.print(f"[dim]checks written to {out}[/]")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 
