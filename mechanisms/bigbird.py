@@ -1,1 +1,253 @@
-"""(being written)"""
+"""BigBird block-sparse attention: neighbouring blocks, global blocks and random blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._banded import (
+    Band, Gathered, PatternAttention, Shared, additive_bias, band_matmul, count_tiles, flex_reasons, neg_for,
+)
+from .base import Knob, register
+
+
+def random_blocks(nb: int, r: int, causal: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each middle block i = 1..nb−2, up to r distinct random key blocks drawn from ``seed``.
+
+    Bidirectional: drawn from the middle blocks other than i−1, i, i+1 (so no key is counted
+    twice); causal: from the earlier blocks 1..i−2. Uniform without replacement (Floyd's
+    algorithm, vectorised over rows): O(nb·r²) work, no nb×nb table.
+    Returns (index (nb−2, r) long, valid (nb−2, r) bool); unused slots have index 1, valid False.
+    """
+    rows = max(nb - 2, 0)
+    i = torch.arange(1, rows + 1)  # middle block ids
+    if causal:
+        m = (i - 2).clamp(min=0)  # candidates 1..i−2
+        lo_ex, n_ex = torch.full_like(i, nb), torch.zeros_like(i)
+    else:
+        lo_ex = (i - 1).clamp(min=1)
+        hi_ex = (i + 1).clamp(max=nb - 2)
+        n_ex = hi_ex - lo_ex + 1
+        m = (nb - 2) - n_ex  # middle blocks minus the (clipped) neighbourhood
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    chosen = torch.full((rows, r), -1, dtype=torch.long)
+    for s in range(r):
+        j = m - r + s  # Floyd: for j in m−r .. m−1, pick t in [0, j]; if taken, take j
+        u = torch.rand(rows, generator=gen, dtype=torch.float64)
+        t = torch.minimum((u * (j + 1).clamp(min=1)).long(), j.clamp(min=0))
+        taken = (chosen[:, :s] == t[:, None]).any(1)
+        chosen[:, s] = torch.where(j >= 0, torch.where(taken, j, t), torch.full_like(j, -1))
+    valid = chosen >= 0
+    blk = 1 + chosen.clamp(min=0)
+    blk = torch.where(blk >= lo_ex[:, None], blk + n_ex[:, None], blk)  # skip the neighbourhood
+    blk = torch.where(valid, blk, torch.ones_like(blk))
+    order = torch.argsort(torch.where(valid, blk, torch.full_like(blk, nb)), dim=1)
+    return blk.gather(1, order), valid.gather(1, order)
+
+
+def bigbird_pattern(n: int, block: int, causal: bool, table: torch.Tensor):
+    """(i, j) mask; ``table`` (rows, r) holds each query block's random key blocks (−1: none),
+    with rows covering every block index a padded position can reach."""
+    nb = -(-n // block)
+    r = table.shape[1]
+
+    def pattern(i, j):
+        qb, kb = i // block, j // block
+        vis = (qb == 0) | (qb == nb - 1) | (kb == 0) | (kb == nb - 1) | (((qb - kb) <= 1) & ((kb - qb) <= 1))
+        for s in range(r):
+            vis = vis | (table[qb, s] == kb)
+        return vis & (j <= i) if causal else vis
+
+    return pattern
+
+
+@register(
+    name="bigbird", family="sparse", complexity="O(N·b·(5+r)·D)", memory="O(N·D) inference, O(N·b·(5+r)) with grad",
+    knobs=[
+        Knob("block", default=64, axis="block", minimum=1, help="block size b"),
+        Knob("random_blocks", default=3, minimum=0, help="random key blocks r per middle query block"),
+        Knob("impl", default="eager", type=str, choices=("eager", "flex"),
+             help="eager: blocked matmuls with gathered random blocks; flex: compiled FlexAttention"),
+    ],
+)
+class BigBirdAttention(PatternAttention):
+    """BigBird (ITC): blocks of b; first and last blocks global; each middle block sees its
+    neighbours, the global blocks and r random blocks drawn from ``seed``.
+
+    With nb = ⌈N/b⌉ blocks (the last one possibly partial), query block I sees key blocks
+    J ∈ {I−1, I, I+1} ∪ {0, nb−1} ∪ R(I); blocks 0 and nb−1 attend to everything. R(I) holds
+    r distinct blocks drawn uniformly from the middle blocks outside I's neighbourhood (fewer
+    when fewer exist), so every key is counted once. out_i = Σ_{j visible} softmax_j(q_i·k_j/√D) v_j.
+
+    Causal (a choice: the original BigBird is an encoder): the same pattern intersected with
+    j ≤ i, with R(I) drawn from the earlier blocks 1..I−2 so that no random block is wasted on
+    the future; the last block then sees everything before it, and no middle row sees it.
+
+    eager: global rows are dense SDPA (2 blocks × N keys). Middle blocks are chunks of b
+    rows: their three neighbours are an ``unfold`` view of K/V (global neighbours masked there
+    because they are counted among the global keys), the global keys are shared by all rows, and
+    the r random blocks are gathered per block with ``index_select`` (nb, r) — scores of the
+    three parts are concatenated before one softmax.
+    Cost: 4·B·H·D·(2b·N + N·b·(3 + 2 + r)) FLOPs (causal 4·B·H·D·(b² + b·N + N·b·(2 + 1 + r))),
+    memory O(B·H·N·D) inference, O(B·H·N·b·(5 + r)) saved for the backward.
+
+    flex: ``flex_attention`` with the same mask, tiles of b×b (when b is a multiple of 16;
+    128×128 otherwise), so the tile structure is the block structure.
+    """
+
+    def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, block: int,
+                 random_blocks: int, impl: str = "eager"):
+        super().__init__()
+        self.block, self.random_blocks = block, random_blocks
+        self.nb = -(-n // block)
+        idx, valid = _draw(n, block, random_blocks, causal, seed)
+        self.register_buffer("rand_index", idx, persistent=False)  # (nb−2, r) key block ids
+        self.register_buffer("rand_valid", valid, persistent=False)  # (nb−2, r)
+        self.flex_tile = self.tile_for(block)
+        self._setup(head_dim=head_dim, heads=heads, n=n, causal=causal, impl=impl)
+
+    @staticmethod
+    def tile_for(block: int) -> int:
+        return block if block % 16 == 0 else 128
+
+    # -- the pattern ---------------------------------------------------------------------
+    def pattern_on(self, device: torch.device | str | None = None):
+        return bigbird_pattern(self.n, self.block, self.causal,
+                               _table(self.n, self.block, self.rand_index, self.rand_valid, self.flex_tile).to(device))
+
+    @classmethod
+    def _candidates(cls, n: int, block: int, tile: int, index: torch.Tensor, valid: torch.Tensor,
+                    causal: bool) -> torch.Tensor:
+        """Tiles touched by a visible (query block, key block) pair: O(nb·(5 + r)) pairs, no N×N."""
+        nb = -(-n // block)
+        nt = -(-n // tile)
+        mid = torch.arange(1, nb - 1)
+        pairs = [torch.stack([mid, mid + o], 1) for o in (-1, 0, 1)]
+        pairs += [torch.stack([mid, torch.full_like(mid, e)], 1) for e in (0, nb - 1)]
+        rq = mid[:, None].expand_as(index)
+        pairs.append(torch.stack([rq[valid], index[valid]], 1))
+        every = torch.arange(nb)
+        for e in {0, nb - 1}:
+            pairs.append(torch.stack([torch.full_like(every, e), every], 1))
+        qb, kb = torch.cat(pairs).unbind(1)
+        cand = torch.zeros(nt, nt, dtype=torch.bool)
+        span = -(-block // tile) + 1  # tiles one block can touch
+        for dq in range(span):
+            for dk in range(span):
+                a = ((qb * block) // tile + dq).clamp(max=nt - 1)
+                b = ((kb * block) // tile + dk).clamp(max=nt - 1)
+                ok = (a * tile < torch.clamp((qb + 1) * block, max=n)) & (b * tile < torch.clamp((kb + 1) * block, max=n))
+                cand[a[ok], b[ok]] = True
+        if causal:
+            cand &= torch.ones(nt, nt, dtype=torch.bool).tril()
+        return cand
+
+    def flex_candidates(self, n: int, tile: int) -> torch.Tensor:
+        return self._candidates(n, self.block, tile, self.rand_index, self.rand_valid, self.causal)
+
+    @staticmethod
+    def band_for(N: int, block: int, causal: bool) -> Band | None:
+        nb = -(-N // block)
+        if nb <= 2:
+            return None
+        last = (nb - 1) * block
+        ok = (lambda d: d >= 0) if causal else (lambda d: d == d)
+        return Band.make(L=N, q_start=block, q_stop=last, c=block, left=block, right=0 if causal else block,
+                         kv_lo=block, kv_hi=(last,), offset_ok=ok)
+
+    # -- eager ---------------------------------------------------------------------------
+    def _make_plan(self, N: int, device: torch.device, dtype: torch.dtype) -> dict:
+        if N != self.n:
+            raise ValueError(f"bigbird was built for n={self.n} (its random blocks depend on it), got N={N}")
+        band = self.band_for(N, self.block, self.causal)
+        plan: dict = {"band": band}
+        if band is None:
+            return plan
+        neg = neg_for(dtype)
+        b, last = self.block, (self.nb - 1) * self.block
+        plan["biases"] = band.biases(device, dtype, neg)
+        index, valid = self.rand_index.to(device), self.rand_valid.to(device)
+        slot_bias = additive_bias(valid, dtype, neg).repeat_interleave(b, dim=1)  # (nb−2, r·b)
+        plan["gathered"] = Gathered(index, b, self.nb - 1, slot_bias) if self.random_blocks > 0 else None
+        if self.causal:  # last block rows see every key j <= i: (N − last, N) bias, linear in N
+            i = torch.arange(last, N, device=device)[:, None]
+            j = torch.arange(N, device=device)[None, :]
+            plan["last_bias"] = additive_bias(j <= i, dtype, float("-inf"))
+        return plan
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict) -> torch.Tensor:
+        B, H, N, D = q.shape
+        band, b = plan["band"], self.block
+        sdpa = F.scaled_dot_product_attention  # on 4-D tensors: the fused kernel
+        if band is None:  # one or two blocks: every block is global, dense attention
+            return sdpa(q, k, v, is_causal=self.causal, scale=self.scale)
+        last = (self.nb - 1) * b
+        if self.causal:
+            first = sdpa(q[:, :, :b], k[:, :, :b], v[:, :, :b], is_causal=True, scale=self.scale)  # (B, H, b, D)
+            final = sdpa(q[:, :, last:], k, v, attn_mask=plan["last_bias"], scale=self.scale)  # (B, H, N − last, D)
+        else:
+            first = sdpa(q[:, :, :b], k, v, scale=self.scale)  # (B, H, b, D)
+            final = sdpa(q[:, :, last:], k, v, scale=self.scale)  # (B, H, N − last, D)
+        qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))  # (B·H, N, D)
+        if self.causal:
+            shared = Shared(kf[:, :b], vf[:, :b])  # block 0; the last block is in every middle row's future
+        else:
+            shared = Shared(torch.cat([kf[:, :b], kf[:, last:]], 1), torch.cat([vf[:, :b], vf[:, last:]], 1))
+        middle = band_matmul(qf, kf, vf, band, plan["biases"], self.scale, shared=shared,
+                             gathered=plan["gathered"])  # (B·H, last − b, D)
+        out = torch.cat([first.flatten(0, 1), middle, final.flatten(0, 1)], dim=1)  # (B·H, N, D)
+        return out.unflatten(0, (B, H))  # (B, H, N, D)
+
+    # -- declarations --------------------------------------------------------------------
+    @classmethod
+    def check(cls, *, n: int, causal: bool, heads: int, head_dim: int, device: str, dtype: str,
+              block: int, random_blocks: int, impl: str = "eager", mode: str | None = None, **_) -> list[str]:
+        reasons = []
+        if -(-n // block) < 3:
+            reasons.append(f"n {n} gives fewer than 3 blocks of {block}: every block is global, this is dense attention")
+        if impl == "flex":
+            reasons += flex_reasons(device, dtype, mode)
+        return reasons
+
+    @classmethod
+    def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, block: int,
+                       random_blocks: int, impl: str = "eager") -> int:
+        """Exact for eager (what FlopCounterMode counts); for flex, the non-empty tiles (drawn with seed 0:
+        with b×b tiles their number does not depend on the seed)."""
+        nb = -(-n // block)
+        index, valid = _draw(n, block, random_blocks, causal, 0)
+        if impl == "flex":
+            tile = cls.tile_for(block)
+            table = _table(n, block, index, valid, tile)
+            pairs = count_tiles(bigbird_pattern(n, block, causal, table), n,
+                                cls._candidates(n, block, tile, index, valid, causal), tile)
+        else:
+            band = cls.band_for(n, block, causal)
+            if band is None:
+                pairs = n * n
+            else:
+                last = (nb - 1) * block
+                if causal:
+                    pairs = block * block + (n - last) * n
+                    shared = block
+                else:
+                    pairs = block * n + (n - last) * n
+                    shared = block + (n - last)
+                pairs += band.nc * band.c * (band.span + shared + index.shape[1] * block * (random_blocks > 0))
+        return 4 * batch * heads * head_dim * pairs
+
+
+def _draw(n: int, block: int, r: int, causal: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    nb = -(-n // block)
+    return random_blocks(nb, r, causal, seed)
+
+
+def _table(n: int, block: int, index: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor:
+    """(rows, r) random key blocks per query block (−1 none), rows covering padded tile positions too."""
+    nb = -(-n // block)
+    r = index.shape[1]
+    rows = -(-(-(-n // tile) * tile) // block) + 1
+    table = torch.full((rows, max(r, 1)), -1, dtype=torch.long)
+    if nb > 2 and r > 0:
+        table[1:nb - 1, :r] = torch.where(valid.cpu(), index.cpu(), torch.full_like(index.cpu(), -1))
+    return table

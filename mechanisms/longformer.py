@@ -1,1 +1,139 @@
-"""(being written)"""
+"""Longformer attention: a sliding window plus a few global positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._banded import (
+    Band, PatternAttention, Shared, band_matmul, band_sdpa, count_tiles, flex_reasons, neg_for, pick_chunk,
+    tile_span_candidates,
+)
+from .base import Knob, register
+from .local import local_offsets
+
+
+def longformer_pattern(window: int, globals_: int, causal: bool):
+    near = local_offsets(window, causal)
+    if causal:
+        return lambda i, j: (j <= i) & (near(i - j) | (j < globals_))
+    return lambda i, j: near(i - j) | (i < globals_) | (j < globals_)
+
+
+@register(
+    name="longformer", family="sparse", complexity="O(N·(W+G)·D)", memory="O(N·D) inference, O(N·(W+G)) with grad",
+    knobs=[
+        Knob("window", default=256, axis="window", minimum=1, help="one-sided window w"),
+        Knob("globals", default=16, axis="globals", minimum=0, help="the first g positions are global"),
+        Knob("impl", default="eager", type=str, choices=("eager", "flex"),
+             help="eager: banded chunks + global rows/columns; flex: compiled FlexAttention"),
+    ],
+)
+class LongformerAttention(PatternAttention):
+    """Longformer: window w plus g global positions (the first g) that attend to all and are attended by all.
+
+    Query i sees S(i) = {j : |i − j| ≤ w} ∪ {j : j < g} ∪ (all j if i < g), each key counted
+    once (a global key inside the window is not counted twice); causal: S(i) ∩ {j ≤ i}.
+    out_i = Σ_{j ∈ S(i)} softmax_j(q_i·k_j/√D) v_j.
+
+    eager: the g global rows are dense attention over all N keys (causal: their first g, top-left
+    aligned), a g×N product. The other rows are cut into chunks of c ≈ 64 attending to an
+    ``unfold`` view of their key span [t·c − w, t·c + c + w) with global keys masked out of the
+    span, and to the g global keys; band and global scores are concatenated before one softmax,
+    so each key is counted once. Groups of chunks are processed in turn to bound the live
+    scores. With g = 0 this is the local kernel (fused SDPA).
+    Cost: 4·B·H·D·(g·N + (N − g)·(c + 2w + g)) FLOPs; memory O(B·H·N·D) inference,
+    O(B·H·N·(c + 2w + g)) saved for the backward.
+
+    flex: ``flex_attention`` with the same mask on 128×128 tiles (the first tile row and column
+    are dense: linear in N for fixed g).
+    """
+
+    def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, window: int,
+                 globals: int, impl: str = "eager"):
+        super().__init__()
+        self.window, self.globals = window, globals
+        self._setup(head_dim=head_dim, heads=heads, n=n, causal=causal, impl=impl)
+
+    # -- the pattern ---------------------------------------------------------------------
+    def pattern_on(self, device: torch.device | str | None = None):
+        return longformer_pattern(self.window, self.globals, self.causal)
+
+    @classmethod
+    def _candidates(cls, n: int, tile: int, window: int, globals_: int, causal: bool) -> torch.Tensor:
+        cand = tile_span_candidates(n, tile, window, 0 if causal else window)
+        nt = cand.shape[0]
+        first = torch.arange(nt) * tile < globals_
+        cand = cand | first[None, :] | first[:, None]
+        if causal:
+            cand = cand & torch.ones(nt, nt, dtype=torch.bool).tril()
+        return cand
+
+    def flex_candidates(self, n: int, tile: int) -> torch.Tensor:
+        return self._candidates(n, tile, self.window, self.globals, self.causal)
+
+    @staticmethod
+    def band_for(N: int, window: int, globals_: int, causal: bool) -> Band | None:
+        g = min(globals_, N)
+        if g >= N:
+            return None
+        reach = min(window, max(N - 1, 0))
+        left, right = reach, 0 if causal else reach
+        return Band.make(L=N, q_start=g, q_stop=N, c=pick_chunk(left, right, N - g), left=left, right=right,
+                         kv_lo=g, kv_hi=(N,), offset_ok=local_offsets(window, causal))
+
+    # -- eager ---------------------------------------------------------------------------
+    def _make_plan(self, N: int, device: torch.device, dtype: torch.dtype) -> dict:
+        band = self.band_for(N, self.window, self.globals, self.causal)
+        g = min(self.globals, N)
+        neg = float("-inf") if g == 0 else neg_for(dtype)  # SDPA path handles -inf; matmul path uses finite
+        return {"band": band, "g": g, "biases": None if band is None else band.biases(device, dtype, neg)}
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict) -> torch.Tensor:
+        B, H, N, D = q.shape
+        band, g = plan["band"], plan["g"]
+        pieces = []
+        if g > 0:  # 4-D slices so SDPA takes its fused kernel
+            if self.causal:  # global row i < g sees j <= i: the first g keys, top-left causal
+                og = F.scaled_dot_product_attention(q[:, :, :g], k[:, :, :g], v[:, :, :g], is_causal=True,
+                                                    scale=self.scale)  # (B, H, g, D)
+            else:
+                og = F.scaled_dot_product_attention(q[:, :, :g], k, v, scale=self.scale)  # (B, H, g, D)
+            pieces.append(og.flatten(0, 1))
+        if band is not None:
+            qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))  # (B·H, N, D)
+            if g == 0:
+                ob = band_sdpa(qf, kf, vf, band, plan["biases"], self.scale)  # (B·H, N, D)
+            else:
+                ob = band_matmul(qf, kf, vf, band, plan["biases"], self.scale,
+                                 shared=Shared(kf[:, :g], vf[:, :g]))  # (B·H, N − g, D)
+            pieces.append(ob)
+        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]  # (B·H, N, D)
+        return out.unflatten(0, (B, H))  # (B, H, N, D)
+
+    # -- declarations --------------------------------------------------------------------
+    @classmethod
+    def check(cls, *, n: int, causal: bool, heads: int, head_dim: int, device: str, dtype: str,
+              window: int, globals: int, impl: str = "eager", mode: str | None = None, **_) -> list[str]:
+        reasons = []
+        if window >= n:
+            reasons.append(f"window {window} >= n {n}: every query sees every key, this is dense attention")
+        if globals >= n:
+            reasons.append(f"globals {globals} >= n {n}: every position is global, this is dense attention")
+        if impl == "flex":
+            reasons += flex_reasons(device, dtype, mode)
+        return reasons
+
+    @classmethod
+    def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, window: int,
+                       globals: int, impl: str = "eager") -> int:
+        if impl == "flex":
+            pairs = count_tiles(longformer_pattern(window, globals, causal), n,
+                                cls._candidates(n, cls.flex_tile, window, globals, causal), cls.flex_tile)
+        else:
+            g = min(globals, n)
+            pairs = g * (g if causal else n)
+            band = cls.band_for(n, window, globals, causal)
+            if band is not None:
+                pairs += band.nc * band.c * (band.span + g)
+        return 4 * batch * heads * head_dim * pairs
