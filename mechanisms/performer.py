@@ -1,1 +1,185 @@
-"""(being written)"""
+"""Performer (Choromanski et al. 2021): FAVOR+ positive orthogonal random features for the softmax kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._prefix import block_rows, causal_attention, kernel_flops, ones_column, read_state, tracks_grad
+from .base import Knob, causal_mask, register
+
+FEATURE_EPS = 1e-4  # added to every feature after the exponential (performer-pytorch's default)
+LOG2E = 1.0 / math.log(2.0)
+
+
+def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """ω (m, D): stacked blocks of D orthonormal rows (QR of a Gaussian matrix, signs fixed so the
+    block is Haar-distributed), each row rescaled to the norm of an independent N(0, I_D) vector (χ_D)."""
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        gauss = torch.randn(d, d, generator=generator, dtype=torch.float64)  # (D, D)
+        qmat, rmat = torch.linalg.qr(gauss)
+        qmat = qmat * torch.sign(torch.diagonal(rmat))  # columns orthonormal, Haar
+        blocks.append(qmat.T)  # rows orthonormal
+    rows = torch.cat(blocks, dim=0)[:m]  # (m, D)
+    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)  # (m,) ~ χ_D
+    return rows * norms[:, None]  # (m, D)
+
+
+@register(name="performer", family="kernel", complexity="O(N·m·D)", memory="O(N·D + m·D)",
+          knobs=[Knob("features", default=256, axis="features", minimum=1, help="m, the number of random features"),
+                 Knob("chunk", default=64, minimum=1,
+                      help="causal only: positions per chunk (masked C×C block inside, carried m×D state across)"),
+                 Knob("redraw", default=False, type=bool,
+                      help="draw fresh features on every call (from a generator seeded by `seed`)")])
+class PerformerAttention(nn.Module):
+    """Performer (FAVOR+): softmax attention estimated with positive orthogonal random features.
+
+    φ(x) = (exp(ω x' − |x'|²/2 − c) + 1e-4)/√m with x' = x·D^-¼, so that φ(q')ᵀφ(k') estimates
+    exp(q·k/√D) up to the stabilisers; ω (m×D) is stacked orthogonal blocks from the QR of
+    Gaussian matrices, rows rescaled by χ_D norms; m = `features`. The stabiliser c, as in
+    performer-pytorch (detached, a constant for autograd): for a query the max over its own m
+    projections ω q'; for keys one max over all positions and features of the (batch, head).
+    Then out_i = φ(q_i)ᵀ S / φ(q_i)ᵀ z with S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j) over all j
+    (bidirectional) or j <= i (causal, by chunks: masked C×C block inside, carried m×(D+1)
+    state across). The 1/√m factor cancels between numerator and denominator and is left
+    out of the forward. Features are drawn in __init__ from `seed` (each call with redraw=True).
+
+    Causal caveat (shared with performer-pytorch): the key stabiliser c is a max over the whole
+    sequence, so a later key can change an output only through c, i.e. through how much the
+    1e-4 floor weighs against exp(ω k' − |k'|²/2 − c); it never enters the sums S, z of an
+    earlier query.
+
+    Cost: bidirectional 2·B·H·N·m·(2D + 2(D+1)) FLOPs (projections of q and k, then KᵀV and
+    Q(KᵀV); the key max is tracked online while the key state is summed); causal projects the
+    keys twice (once for their max) and adds 2·C·(m+D+1) per position for the C×C blocks.
+    Memory O(B·H·(N·D + m·D)), features made block by block; no N×N or N×m tensor for the
+    whole sequence.
+    """
+
+    def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, features: int = 256,
+                 chunk: int = 64, redraw: bool = False):
+        super().__init__()
+        self.causal = causal
+        self.features = int(features)
+        self.chunk = int(chunk)
+        self.redraw = bool(redraw)
+        self.head_dim = head_dim
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)  # advanced only by redraw
+        self.register_buffer("omega", self._draw())  # (m, D)
+
+    def _draw(self) -> torch.Tensor:
+        return orthogonal_gaussian(self.features, self.head_dim, self.generator).to(torch.get_default_dtype())
+
+    # -- features, block by block, in base 2 ------------------------------------------------------
+    # exp(t) = 2^(t·log2 e): torch's exp2 is several times faster than exp on the CPU, so log2 e is
+    # folded into the projection (w = ω·D^-¼·log2 e) and into |x'|²/2; a = w x = log2 e · ω x'.
+
+    def _base2_projection(self) -> torch.Tensor:
+        return self.omega * (self.head_dim ** -0.25 * LOG2E)  # (m, D)
+
+    def _half_sq_norm2(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * x).sum(dim=-1, keepdim=True) * (0.5 * LOG2E / math.sqrt(self.head_dim))  # (G, L, 1)
+
+    def _query_features(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """exp(ω q' − |q'|²/2 − max_r ω_r q') + eps, without 1/√m: (G, L, D) -> (G, L, m)."""
+        a = torch.matmul(x, w.T)  # (G, L, m)
+        return self._exp(a, self._half_sq_norm2(x) + a.detach().amax(dim=-1, keepdim=True))
+
+    def _key_features(self, x: torch.Tensor, w: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+        """exp(ω k' − |k'|²/2 − max over the (batch, head)) + eps, without 1/√m: (G, L, D) -> (G, L, m)."""
+        a = torch.matmul(x, w.T)  # (G, L, m)
+        return self._exp(a, self._half_sq_norm2(x) + kmax)
+
+    @staticmethod
+    def _exp(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """2^(a − shift) + eps, in place on the fresh block ``a`` (the last step out of place under
+        autograd, whose backward of exp2 reads its result)."""
+        f = a.sub_(shift).exp2_()  # (G, L, m)
+        return f.add_(FEATURE_EPS) if not f.requires_grad else f + FEATURE_EPS
+
+    def _key_max(self, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """max of w k over positions and features per (batch, head), block by block: (G, N, D) -> (G, 1, 1)."""
+        g, n, _ = k.shape
+        rows = block_rows(n, g, self.features)
+        out = None
+        with torch.no_grad():  # a stabiliser, constant for autograd (as in performer-pytorch)
+            for s in range(0, n, rows):
+                part = torch.matmul(k[:, s:s + rows], w.T).amax(dim=(1, 2), keepdim=True)  # (G, 1, 1)
+                out = part if out is None else torch.maximum(out, part)
+        return out
+
+    def _key_state(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Σ_j φ(k_j)[v_j 1]ᵀ (without 1/√m) in one pass over key blocks: (G, N, D) -> (G, m, D+1).
+
+        The global key max is not known in advance, so blocks are accumulated against the
+        running max M and the sum is rescaled by 2^(M_old − M_new) when M grows (as an online
+        softmax does); the eps floor adds eps·Σ_j [v_j 1] to every feature row at the end.
+        The result equals the sum taken with the global max of the reference.
+        """
+        g, n, _ = k.shape
+        rows = block_rows(n, g, self.features)
+        total = run_max = v_sum = None
+        for s in range(0, n, rows):
+            x = k[:, s:s + rows]  # (G, L, D)
+            a = torch.matmul(x, w.T)  # (G, L, m)
+            new_max = a.detach().amax(dim=(1, 2), keepdim=True)  # (G, 1, 1)
+            if run_max is not None:
+                new_max = torch.maximum(run_max, new_max)
+            ft = a.sub_(self._half_sq_norm2(x) + new_max).exp2_().transpose(1, 2)  # (G, m, L), no eps yet
+            v1 = ones_column(v[:, s:s + rows])  # (G, L, D+1)
+            if total is None:
+                total, v_sum = torch.bmm(ft, v1), v1.sum(dim=1, keepdim=True)  # (G, m, D+1), (G, 1, D+1)
+            else:
+                total = torch.baddbmm(total * torch.exp2(run_max - new_max), ft, v1)  # (G, m, D+1)
+                v_sum = v_sum + v1.sum(dim=1, keepdim=True)
+            run_max = new_max
+        return total + FEATURE_EPS * v_sum  # (G, m, D+1)
+
+    # -- attention -------------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.redraw:
+            self.omega = self._draw().to(device=self.omega.device, dtype=self.omega.dtype)
+        b, h, n, d = q.shape
+        q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, k, v))  # (G, N, D)
+        w = self._base2_projection()  # (m, D)
+        if self.causal:
+            kmax = self._key_max(k3, w)  # (G, 1, 1)
+            out = causal_attention(q3, k3, v3, feature_q=lambda x: self._query_features(x, w),
+                                   feature_k=lambda x: self._key_features(x, w, kmax), width=self.features,
+                                   chunk=self.chunk, eps=0.0)
+        else:
+            state = self._key_state(k3, v3, w)  # (G, m, D+1)
+            out = read_state(q3, state, feature_q=lambda x: self._query_features(x, w), width=self.features,
+                             eps=0.0, grad=tracks_grad(q, k, v))
+        return out.view(b, h, n, d)  # (B, H, N, D)
+
+    def feature_maps(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """φ(Q), φ(K) for the whole sequence, natural exp and the 1/√m factor: (B, H, N, D) -> (B, H, N, m) each."""
+        w = self.omega * self.head_dim ** -0.25  # (m, D): ω x' = (ω D^-¼) x
+        aq = torch.matmul(q, w.T)  # (B, H, N, m)
+        ak = torch.matmul(k, w.T)  # (B, H, N, m)
+        qmax = aq.detach().amax(dim=-1, keepdim=True)  # (B, H, N, 1)
+        kmax = ak.detach().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
+        half = 0.5 / math.sqrt(self.head_dim)
+        fq = torch.exp(aq - half * (q * q).sum(-1, keepdim=True) - qmax) + FEATURE_EPS
+        fk = torch.exp(ak - half * (k * k).sum(-1, keepdim=True) - kmax) + FEATURE_EPS
+        ratio = self.features ** -0.5
+        return ratio * fq, ratio * fk
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The quadratic way with the same features and stabilisers: A = φ(Q)φ(K)ᵀ (masked), out = A V / A 1."""
+        fq, fk = self.feature_maps(q, k)
+        a = torch.matmul(fq, fk.transpose(-1, -2))  # (B, H, N, N)
+        if self.causal:
+            a = a.masked_fill(~causal_mask(q.shape[-2], q.device), 0.0)
+        return torch.matmul(a, v) / a.sum(dim=-1, keepdim=True)  # (B, H, N, D)
+
+    @classmethod
+    def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, features: int = 256,
+                       chunk: int = 64, redraw: bool = False) -> int:
+        g = batch * heads
+        projections = (3 if causal else 2) * 2 * g * n * head_dim * features
+        return projections + kernel_flops(groups=g, n=n, head_dim=head_dim, width=features, causal=causal, chunk=chunk)
