@@ -121,10 +121,13 @@ def expand(
                     raise CaseError(f"{name}: {exc}") from None
             grid.append((knob.name, list(dict.fromkeys(parsed))))
         names = [g[0] for g in grid]
+        # A causal-only mechanism (Transformer-XL) is causal by construction: in a
+        # bidirectional sweep it runs, and its rows say causal=true.
+        own_causal = causal or not spec.supports_bidirectional
         for combo in itertools.product(*[g[1] for g in grid]):
             for n in ns:
                 cases.append(Case(mechanism=name, n=n, batch=batch, heads=heads, head_dim=head_dim,
-                                  dtype=dtype, device=device, mode=mode, causal=causal,
+                                  dtype=dtype, device=device, mode=mode, causal=own_causal,
                                   knobs=tuple(zip(names, combo)), seed=seed))
     unused = [f"--{a}" for a in axes if a not in used_axes] + [f"--knob {k}" for k in knob_values if k not in used_knobs]
     if unused:

@@ -247,7 +247,8 @@ def render_rows(rows: list[dict], title: str) -> None:
     columns = [c for c in columns if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
     table = Table(title=title)
     for name, just, _ in columns:
-        table.add_column(name, justify=just)
+        table.add_column(name, justify=just, no_wrap=name in ("mechanism", "N"),
+                         overflow="fold" if name in ("knobs", "status") else "ellipsis")
     for r in rows:
         spec = mechanisms.REGISTRY.get(r["mechanism"])
         status = r.get("status", "")
@@ -256,7 +257,7 @@ def render_rows(rows: list[dict], title: str) -> None:
             "mechanism": r["mechanism"],
             "knobs": ", ".join(f"{k.name}={r.get(k.name)}" for k in spec.knobs) if spec else "",
             "N": f"{r['n']:,}",
-            "status": f"[{style}]{status}[/]" + (f" [dim]{r['error'][:60]}[/]" if status != "ok" and r.get("error") else ""),
+            "status": f"[{style}]{status}[/]" + (f" [dim]{r['error'][:48]}…[/]" if status != "ok" and r.get("error") else ""),
             "ms (median ± IQR)": fmt_ms(r.get("time_ms_median"), r.get("time_ms_iqr")),
             "peak tensors": fmt_bytes(r.get("peak_tensor_bytes")), "peak RSS": fmt_bytes(r.get("rss_peak_bytes")),
             "CUDA alloc": fmt_bytes(r.get("peak_alloc_bytes")), "NVML": fmt_bytes(r.get("nvml_peak_bytes")),
@@ -314,6 +315,24 @@ def estimate(
                       fmt_bytes(r.get("param_bytes")), fmt_flops(r.get("flops")),
                       status + (f" {r['error'][:60]}" if r.get("error") else ""))
     out_console.print(table)
+
+
+@app.command()
+def plot(
+    csv: Annotated[Path, typer.Argument(help="A results CSV written by `effbench sweep` (or `estimate --out`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for figures and tables (default: <csv stem>_plots beside the CSV).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="Comma list of figure formats, e.g. png,svg.")] = "png",
+    budget: Annotated[Optional[str], typer.Option(help="Memory budget for 'largest N that fits', e.g. 80GiB.")] = None,
+    verify_csv: Annotated[Optional[Path], typer.Option("--verify", help="verify.csv from `effbench verify`: adds error-vs-knob figures.")] = None,
+) -> None:
+    """Figures, fitted slopes, crossover N*, largest N under a budget and a Markdown summary, from files only."""
+    from .plot import make_report, render_report
+
+    with domain_errors():
+        budget_bytes = parse_bytes(budget, "--budget") if budget is not None else None
+        report = make_report(csv, out_dir=out, formats=parse_list(format_) or ["png"], budget_bytes=budget_bytes,
+                             verify_csv=verify_csv)
+    render_report(report, out_console)
 
 
 @app.command()

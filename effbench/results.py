@@ -20,8 +20,6 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-import mechanisms
-
 STATUSES = ("ok", "oom", "predicted_oom", "timeout", "killed", "error", "skipped")
 
 CASE_COLUMNS = ["case_key", "mechanism", "family", "n", "batch", "heads", "head_dim", "dtype", "device",
@@ -30,7 +28,7 @@ RESULT_COLUMNS = [
     "status", "time_ms_median", "time_ms_iqr", "repeats", "timer",
     "peak_alloc_bytes", "peak_reserved_bytes", "nvml_peak_bytes", "nvml_process_peak_bytes",
     "peak_tensor_bytes", "rss_peak_bytes", "predicted_bytes", "param_bytes",
-    "flops", "flops_source", "build_ms", "impl", "readings", "error", "run_id",
+    "flops", "flops_source", "build_ms", "build_info", "readings", "error", "run_id",
 ]
 INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "repeats", "peak_alloc_bytes", "peak_reserved_bytes",
                "nvml_peak_bytes", "nvml_process_peak_bytes", "peak_tensor_bytes", "rss_peak_bytes",
@@ -43,6 +41,7 @@ class ResultsError(ValueError):
 
 def knob_columns(extra: Iterable[str] = ()) -> list[str]:
     """One column per knob name in the registry (plus ``extra``), sorted."""
+    import mechanisms  # lazily: reading results (effbench plot) must not pay for importing torch
     names = {k.name for spec in mechanisms.REGISTRY.values() for k in spec.knobs}
     return sorted(names | set(extra))
 
@@ -168,7 +167,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     try:
-        df = pd.read_csv(io.StringIO(text), dtype={"case_key": str, "error": str, "impl": str})
+        df = pd.read_csv(io.StringIO(text), dtype={"case_key": str, "error": str, "build_info": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} could not be parsed as CSV: {exc}") from None
     if "causal" in df:

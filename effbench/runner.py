@@ -160,7 +160,8 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
             return
 
     w = prepare(case)
-    report({"build_ms": round(w.build_ms, 3), "param_bytes": w.param_bytes, "impl": w.info.get("impl")})
+    report({"build_ms": round(w.build_ms, 3), "param_bytes": w.param_bytes,
+            "build_info": "; ".join(f"{k}={v}" for k, v in w.info.items()) or None})
 
     if opts.time:
         if on_cuda:

@@ -14,6 +14,7 @@ Optional hooks a mechanism class may define:
 - ``supports_causal`` / ``supports_bidirectional`` (class attributes, default True);
 - ``check(*, n, causal, heads, head_dim, device, dtype, **knobs) -> list[str]``
   (a classmethod or staticmethod): reasons a case cannot run, empty if it can;
+  it also receives ``mode`` ("fwd" | "fwd+bwd") when its signature accepts it;
 - ``analytic_flops(*, batch, heads, n, head_dim, causal, **knobs) -> int``
   (classmethod): the FLOP count to report where FlopCounterMode cannot count;
 - ``build_info(self) -> dict``: extra facts reported in the row (e.g. ``impl``).
@@ -170,11 +171,15 @@ class MechanismSpec:
             return reasons + [str(exc)]
         check = getattr(self.cls, "check", None)
         if check is not None:
+            extra = {}
+            params = inspect.signature(check).parameters
+            if "mode" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                extra["mode"] = str(_case_get(case, "mode", "fwd"))
             reasons += list(check(
                 n=int(_case_get(case, "n")), causal=causal,
                 heads=int(_case_get(case, "heads", 1)), head_dim=int(_case_get(case, "head_dim", 64)),
                 device=str(_case_get(case, "device", "cpu")), dtype=str(_case_get(case, "dtype", "float32")),
-                **values,
+                **extra, **values,
             ))
         return reasons
 

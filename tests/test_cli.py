@@ -90,3 +90,21 @@ def test_predicted_oom_under_budget(tmp_path):
     assert r.exit_code == 0, r.output
     df = results.read_results(out)
     assert list(df["status"]) == ["predicted_oom"]
+
+
+def test_plot_reads_a_sweep_and_refuses_other_files(tmp_path):
+    out = tmp_path / "r.csv"
+    r = runner.invoke(app, ["sweep", "--mech", "dense,local", "--n", "256,512,1024", "--heads", "1", "--head-dim", "16",
+                            "--window", "16", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    figs = tmp_path / "figs"
+    r = runner.invoke(app, ["plot", str(out), "--out", str(figs), "--format", "png,svg", "--budget", "1GiB"])
+    assert r.exit_code == 0, r.output
+    for name in ("memory_vs_n.png", "memory_vs_n.svg", "time_vs_n.png", "summary.md", "slopes.csv"):
+        assert (figs / name).exists(), name
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    _fails(["plot", str(other)], "not an effbench results CSV")
+    _fails(["plot", str(tmp_path / "missing.csv")], "not found")
+    _fails(["plot", str(out), "--budget", "much"], "--budget 'much' does not parse")
+    _fails(["plot", str(out), "--format", "gif9"], "gif9")

@@ -117,3 +117,11 @@ def test_case_key_stable_and_validated():
         Case(mechanism="dense", n=0)
     with pytest.raises(CaseError, match="dtype"):
         Case(mechanism="dense", n=8, dtype="float8")
+
+
+def test_causal_only_mechanism_runs_causal_in_a_bidirectional_sweep():
+    cases = expand(["transformer-xl", "linformer"], [256], causal=False)
+    assert {c.mechanism: c.causal for c in cases} == {"transformer-xl": True, "linformer": False}
+    # a causal sweep keeps linformer causal, and the mechanism says why it cannot run
+    (lin,) = expand(["linformer"], [256], causal=True)
+    assert lin.causal and "not causal" in mechanisms.get("linformer").unsupported(lin)[0]
