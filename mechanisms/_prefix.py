@@ -63,6 +63,10 @@ def normalise(nd: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> 
     num, den = nd[..., :-1], nd[..., -1:]
     if eps:
         den = den + eps
+    if num.dtype in (torch.float16, torch.bfloat16):
+        # divide in float32: the gradient -num/den² overflows fp16 for den > 256 (inf·0 = NaN)
+        res = (num.float() / den.float()).to(num.dtype)  # (G, L, D)
+        return res if out is None else out.copy_(res)
     return num / den if out is None else torch.div(num, den, out=out)
 
 
@@ -111,7 +115,15 @@ def read_state(q: torch.Tensor, state: torch.Tensor, *, feature_q: FeatureMap, w
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, feature_q: FeatureMap,
                      feature_k: FeatureMap, width: int, chunk: int, eps: float) -> torch.Tensor:
-    """Causal (j <= i) kernel attention by chunks of C: (G, N, D) each -> (G, N, D)."""
+    """Causal (j <= i) kernel attention by chunks of C: (G, N, D) each -> (G, N, D).
+
+    fp16/bf16 inputs are computed in float32 (as performer-pytorch does for its causal
+    form): the carried prefix state sums over all earlier keys and its gradients overflow fp16.
+    """
+    if q.dtype in (torch.float16, torch.bfloat16):
+        low = q.dtype
+        return causal_attention(q.float(), k.float(), v.float(), feature_q=feature_q, feature_k=feature_k,
+                                width=width, chunk=chunk, eps=eps).to(low)
     g, n, d = q.shape
     c = chunk
     rows = block_rows(n, g, max(width, c), c)

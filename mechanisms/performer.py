@@ -85,13 +85,13 @@ class PerformerAttention(nn.Module):
 
     def _query_features(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """exp(ω q' − |q'|²/2 − max_r ω_r q') + eps, without 1/√m: (G, L, D) -> (G, L, m)."""
-        a = torch.matmul(x, w.T)  # (G, L, m)
+        a = torch.matmul(x, w.T.to(x.dtype))  # (G, L, m); the causal form runs fp16/bf16 in float32
         return self._exp(a, self._half_sq_norm2(x) + a.detach().amax(dim=-1, keepdim=True))
 
     def _key_features(self, x: torch.Tensor, w: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
         """exp(ω k' − |k'|²/2 − max over the (batch, head)) + eps, without 1/√m: (G, L, D) -> (G, L, m)."""
-        a = torch.matmul(x, w.T)  # (G, L, m)
-        return self._exp(a, self._half_sq_norm2(x) + kmax)
+        a = torch.matmul(x, w.T.to(x.dtype))  # (G, L, m)
+        return self._exp(a, self._half_sq_norm2(x) + kmax.to(x.dtype))
 
     @staticmethod
     def _exp(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

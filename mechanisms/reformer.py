@@ -105,6 +105,7 @@ class ReformerAttention(nn.Module):
         share one matmul; rows go in blocks of at most HASH_BLOCK projections.
         """
         D, R, half = self.rotations.shape
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # hash fp16/bf16 inputs in float32
         rot = self.rotations.to(x.dtype).reshape(D, R * half)  # (D, R·h), h = n_b/2
         G, N, _ = x.shape
         out = torch.empty(G, R, N, dtype=torch.long, device=x.device)  # (G, R, N)
