@@ -1,7 +1,7 @@
 """Kernel and low-rank attention side by side with public implementations (issue 4).
 
-    PYTHONPATH=/work/main /work/peers-venv/bin/python benchmarks/bench_kernel.py            # N=16384
-    PYTHONPATH=/work/main /work/peers-venv/bin/python benchmarks/bench_kernel.py --n 4096 --rounds 5
+    python benchmarks/bench_kernel.py            # N=16384
+    python benchmarks/bench_kernel.py --n 4096 --rounds 5
 
 B=1, H=8, D=64, float32, forward under torch.no_grad() on the CPU. Rows:
 

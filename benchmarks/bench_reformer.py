@@ -2,7 +2,7 @@
 
 Run with the peers venv (it has reformer-pytorch and transformers; torch is the same version):
 
-    PYTHONPATH=/work/main /work/peers-venv/bin/python benchmarks/bench_reformer.py
+    python benchmarks/bench_reformer.py
     PYTHONPATH=. python benchmarks/bench_reformer.py --n 4096 --rounds 1 --repeats 3   # quick look
 
 Rows (B=1, H=8, D=64, fp32, forward under no_grad, bucket = chunk length c = 64):

@@ -22,8 +22,8 @@ reuse makes this a lower bound).
 
 Run with the peers venv (it has the public packages)::
 
-    PYTHONPATH=/work/main /work/peers-venv/bin/python benchmarks/bench_sparse.py
-    PYTHONPATH=/work/main /work/peers-venv/bin/python benchmarks/bench_sparse.py --only local --rounds 5
+    python benchmarks/bench_sparse.py
+    python benchmarks/bench_sparse.py --only local --rounds 5
 
 Implementations that are not installed are reported and skipped. Nothing here asserts.
 """

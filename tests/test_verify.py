@@ -374,3 +374,10 @@ def test_fidelity_rows_plot_ready(monkeypatch, tmp_path):
     fid = df[(df.check == "fidelity") & df.knob.notna()]
     assert len(fid) >= 3 and set(fid.knob) == {"window"}
     assert fid.knob_value.dtype.kind in "if" and fid.error_rel.notna().all() and fid.cosine.notna().all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_passes_for_hashing_and_causal_kernels(dtype):
+    # regressions: Reformer hashed fp16 rounding into other buckets; causal Performer gave NaN gradients
+    report = run_verify(["reformer", "performer", "linear"], N, dtype=dtype)
+    assert report.passed, summary_line(report)
