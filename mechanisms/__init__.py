@@ -17,7 +17,7 @@ from .base import (
 from . import dense, sdpa  # noqa: E402,F401  exact
 from . import local, dilated, longformer, bigbird  # noqa: E402,F401  sparse patterns
 from . import linear, performer, linformer  # noqa: E402,F401  kernel and low-rank
-from . import reformer, recurrent, axial  # noqa: E402,F401  hashing, recurrence, positions
+from . import reformer, transformer_xl, compressive, axial, learned_pe  # noqa: E402,F401  hashing, recurrence, positions
 
 __all__ = [
     "AXES", "FAMILIES", "REGISTRY", "Knob", "MechanismSpec", "RegistryError", "get", "register",

@@ -1,4 +1,4 @@
-"""Position encodings: Reformer's axial encoding and the plain learned N×D table it replaces."""
+"""Reformer's axial positional encoding (the learned N×D table it replaces is ``learned_pe.py``)."""
 
 from __future__ import annotations
 
@@ -90,29 +90,3 @@ class AxialPositionalEncoding(nn.Module):
         p = torch.arange(x.shape[1], device=x.device)
         table = torch.cat([self.e1[p // self.n2], self.e2[p % self.n2]], dim=-1)  # (N, D)
         return x + table
-
-
-@register(name="learned-pe", family="position", complexity="O(N·D)", memory="params N·D")
-class LearnedPositionalEncoding(nn.Module):
-    """A learned absolute position table E (N, D), D = heads·head_dim: forward(x) = x + E[:N].
-
-    The baseline axial-pe replaces: N·D parameters, entries drawn from N(0, 0.02²) with a
-    generator seeded by ``seed``. Cost: B·N·D additions.
-    """
-
-    STD = 0.02
-
-    def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int):
-        super().__init__()
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        self.table = nn.Parameter(torch.randn(n, heads * head_dim, generator=g) * self.STD)  # (N, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N = x.shape[1]
-        if N > self.table.shape[0]:
-            raise ValueError(f"learned-pe built for {self.table.shape[0]} positions, got {N}")
-        return x + self.table[:N]  # (B, N, D)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.arange(x.shape[1], device=x.device)
-        return x + self.table[p]

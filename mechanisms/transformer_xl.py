@@ -1,0 +1,56 @@
+"""Transformer-XL segment recurrence: causal attention within a segment plus a detached memory."""
+
+from __future__ import annotations
+
+import torch
+
+from ._segments import SegmentRecurrence, dense_mixed, windows
+from .base import Knob, register
+
+
+@register(name="transformer-xl", family="recurrent", complexity="O(N·(L+M)·D)", memory="O(N·(L+M))",
+          knobs=[Knob("segment", default=128, axis="segment", minimum=1, help="segment length L"),
+                 Knob("memory", default=128, axis="memory", minimum=0, help="cached positions M")])
+class TransformerXLAttention(SegmentRecurrence):
+    """Transformer-XL segment recurrence: causal attention within a segment plus a detached memory.
+
+    The sequence is cut into segments of L; position i (segment ⌊i/L⌋) sees j when
+    j ≤ i and j ≥ ⌊i/L⌋·L − M: its own segment causally and the M positions before it
+    (the cached memory, which may span several earlier segments). The memory's keys and
+    values are detached (stop-gradient), as in Transformer-XL: no gradient flows from
+    segment s into any k, v of an earlier segment. Scores are q·k/√D; no relative
+    position terms (this benchmark attends on given q, k, v). Always causal.
+
+    All segments are processed at once: the memory of segment s is the window
+    [s·L − M, s·L) of the detached keys/values, an overlapping ``unfold`` view. N not a
+    multiple of L: the last segment is padded with keys in every real query's future.
+    Cost: 4·B·H·N·(L+M)·D FLOPs, memory O(B·H·N·(L+M)) for the scores.
+    """
+
+    supports_causal = True
+    supports_bidirectional = False
+    bidirectional_reason = "segment recurrence only looks back (memory of earlier segments)"
+
+    def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, segment: int, memory: int):
+        super().__init__()
+        self.segment = segment
+        self.memory = memory
+
+    def _context(self, k: torch.Tensor, v: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detached memory keys (B, H, S, D, M), values (B, H, S, M, D) and visibility (S, M)."""
+        L, M = self.segment, self.memory
+        kd, vd = k.detach(), v.detach()
+        ctx_k = windows(kd, M, M, L, n_seg)  # (B, H, S, D, M)
+        ctx_v = windows(vd, M, M, L, n_seg).transpose(-1, -2)  # (B, H, S, M, D)
+        pos = torch.arange(n_seg, device=k.device)[:, None] * L - M + torch.arange(M, device=k.device)  # (S, M)
+        return ctx_k, ctx_v, pos >= 0
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Dense attention under j ≤ i, j ≥ ⌊i/L⌋·L − M, memory keys/values detached."""
+        N = q.shape[2]
+        i = torch.arange(N, device=q.device)[:, None]
+        j = torch.arange(N, device=q.device)[None, :]
+        start = (i // self.segment) * self.segment
+        same = (j <= i) & (j >= start)  # (N, N) own segment, causal
+        mem = (j < start) & (j >= start - self.memory)  # (N, N) memory
+        return dense_mixed(q, [(k, v, same), (k.detach(), v.detach(), mem)])
