@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import matplotlib
 from matplotlib import transforms
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -436,11 +437,17 @@ def _budget(value: int | str | None) -> int | None:
     return int(value)
 
 
+# No date in the file and fixed SVG ids: the same CSV gives byte-identical figures, so regenerated results diff cleanly.
+_STABLE_METADATA = {"svg": {"Date": None}, "pdf": {"CreationDate": None, "ModDate": None}, "png": {}}
+
+
 def _save(result: PlotResult, out_dir: Path, formats: list[str]) -> list[Path]:
     paths = []
     for fmt in formats:
         path = out_dir / f"{result.name}.{fmt}"
-        result.figure.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
+        with matplotlib.rc_context({"svg.hashsalt": "effbench"}):
+            result.figure.savefig(path, format=fmt, dpi=150, bbox_inches="tight",
+                                  metadata=_STABLE_METADATA.get(fmt))
         paths.append(path)
     return paths
 

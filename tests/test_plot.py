@@ -275,6 +275,20 @@ def test_labels_show_what_varies(tmp_path):
     assert causal["kind"].eq("n/a").all()  # no causal dense rows to compare with
 
 
+def test_highlights_compare_causal_only_mechanisms_with_causal_dense(tmp_path):
+    rows = [_ok("dense", n, 1e-6 * n * n, 16 * n * n) for n in NS]
+    rows += [_ok("dense", n, 2e-6 * n * n, 32 * n * n, causal=True) for n in NS]
+    rows += [_ok("linear", n, 1e-3 * n, 1000 * n) for n in NS]
+    rows += [_ok("transformer-xl", n, 1e-3 * n, 2000 * n, causal=True) for n in NS]
+    lines = plot.make_report(_write(tmp_path / "r.csv", rows), out_dir=tmp_path / "o").analysis.highlights
+    xl = [line for line in lines if line.startswith("transformer-xl")]
+    # at N=4096 causal dense: 2e-6·N² ms and 32·N² B against 1e-3·N ms and 2000·N B
+    assert xl == ["transformer-xl[memory=128,segment=128] causal is 8.2× faster and uses 65.5× less memory "
+                  "than dense (causal) at N=4,096"]
+    assert any(line.startswith("linear[chunk=64] bidir is 4.1× faster") and line.endswith("than dense at N=4,096")
+               for line in lines)
+
+
 VERIFY_COLUMNS = ["mechanism", "check", "knob", "knob_value", "n", "causal", "error_rel", "cosine", "max_abs_err",
                   "tolerance", "passed", "detail"]
 
@@ -326,3 +340,14 @@ def test_refuses_foreign_files_and_files_without_ok_rows(tmp_path):
     with pytest.raises(UsageError, match="--format"):
         plot.make_report(_write(tmp_path / "ok.csv", [_ok("dense", 256, 1, 1)]), formats="png,bogus")
     assert not (tmp_path / "bad_plots").exists() and not (tmp_path / "ok_plots").exists()
+
+
+def test_same_csv_gives_byte_identical_figures(tmp_path):
+    path = _write(tmp_path / "r.csv", synthetic_rows())
+    for d in ("a", "b"):
+        plot.make_report(path, out_dir=tmp_path / d, formats=("svg", "png"))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "memory_vs_n.svg" in names and "memory_vs_n.png" in names
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert b"<dc:date>" not in (tmp_path / "a" / "memory_vs_n.svg").read_bytes()
