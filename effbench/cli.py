@@ -168,7 +168,7 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results CSV (appended to).")] = Path("results.csv"),
     resume: Annotated[bool, typer.Option(help="Skip cases already in --out (by case key).")] = False,
     seed: SeedOpt = 0,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads in each case (default: torch's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads in each case (default: torch's).")] = None,
     window: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="window"))] = None,
     dilation: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="dilation"))] = None,
     globals_: Annotated[Optional[str], typer.Option("--globals", help=AXIS_HELP.format(axis="globals"))] = None,
@@ -191,6 +191,8 @@ def sweep(
     with domain_errors():
         if timeout <= 0:
             raise UsageError(f"--timeout must be positive, got {timeout}")
+        if min_time is not None and min_time <= 0:
+            raise UsageError(f"--min-time must be positive, got {min_time}")
         dev = check_device(device)
         axes = {"window": window, "dilation": dilation, "globals": globals_, "block": block, "rounds": rounds,
                 "bucket": bucket, "features": features, "rank": rank, "segment": segment, "memory": memory,
@@ -288,6 +290,8 @@ def estimate(
     from .sweep import run_sweep
 
     with domain_errors():
+        if timeout <= 0:
+            raise UsageError(f"--timeout must be positive, got {timeout}")
         cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                            device="cpu", mode=mode, causal=causal, seed=seed, knob=knob)
         opts = RunOptions(timeout=timeout, predict_only=True, plugins=tuple(str(p) for p in plugin or ()))
@@ -344,7 +348,7 @@ def verify(
     seed: SeedOpt = 0,
     tolerance: Annotated[Optional[float], typer.Option(help="Max abs error allowed against the float64 reference (default 1e-5 for float32, looser for fp16/bf16).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV of every check (read by `effbench plot --verify`).")] = Path("verify.csv"),
-    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's).")] = None,
     plugin: PluginOpt = None,
 ) -> None:
     """Check every mechanism against its own O(N²) reference and against dense attention; exit 1 on any failure."""

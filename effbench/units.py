@@ -34,6 +34,8 @@ def parse_int_list(text: str, what: str, minimum: int = 1) -> list[int]:
         if not part:
             continue
         m = re.fullmatch(r"(\d+)\s*\*\*\s*(\d+)|(\d+)([kK]?)", part)
+        if not m and re.fullmatch(r"-\s*\d+[kK]?", part):
+            raise UsageError(f"{what}: {part} is below the minimum {minimum}")
         if not m:
             raise UsageError(f"{what}: {part!r} is not a whole number (give a comma list such as 512,4096,32768)")
         value = int(m.group(1)) ** int(m.group(2)) if m.group(1) else int(m.group(3)) * (1024 if m.group(4) else 1)

@@ -37,7 +37,7 @@ def test_list_with_plugin():
     (["sweep", "--mech", "nope"], ["unknown mechanism 'nope'", "dense"]),
     (["sweep", "--mech", "dense", "--n", "12x"], ["--n", "'12x' is not a whole number"]),
     (["sweep", "--mech", "dense", "--n", "0"], ["below the minimum"]),
-    (["sweep", "--mech", "dense", "--n", "-5"], ["not a whole number"]),
+    (["sweep", "--mech", "dense", "--n", "-5"], ["--n: -5 is below the minimum 1"]),
     (["sweep", "--mech", "dense", "--dtype", "float8"], ["--dtype 'float8' is not one of"]),
     (["sweep", "--mech", "dense", "--mode", "bwd"], ["--mode 'bwd'"]),
     (["sweep", "--mech", "dense", "--device", "cuda"], ["no CUDA GPU"]),
@@ -48,6 +48,11 @@ def test_list_with_plugin():
     (["sweep", "--mech", "dense", "--knob", "oops"], ["NAME=V1,V2"]),
     (["sweep", "--plugin", "/no/such/plugin.py"], ["plugin file not found"]),
     (["estimate", "--mech", "dense", "--n", "a,b"], ["not a whole number"]),
+    (["estimate", "--mech", "dense", "--timeout", "-1"], ["--timeout must be positive"]),
+    (["sweep", "--mech", "dense", "--timeout", "0"], ["--timeout must be positive"]),
+    (["sweep", "--mech", "dense", "--min-time", "-1"], ["--min-time must be positive"]),
+    (["sweep", "--mech", "dense", "--threads", "0"], ["--threads"]),
+    (["verify", "--mech", "dense", "--threads", "-1"], ["--threads"]),
 ])
 def test_bad_input_one_line_exit_2(args, needles):
     _fails(args, *needles)
