@@ -192,6 +192,7 @@ GROWTH = [
     ("performer", False, {"features": 64}, "fwd"),
     ("performer", True, {"features": 64}, "fwd"),
     ("performer", False, {"features": 64}, "fwd+bwd"),
+    ("performer", True, {"features": 64}, "fwd+bwd"),
     ("linformer", False, {"rank": 64}, "fwd"),
     ("linformer", False, {"rank": 64}, "fwd+bwd"),
 ]

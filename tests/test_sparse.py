@@ -82,7 +82,11 @@ def test_matches_dense_reference_forward_gradients_and_flops(name, knobs, causal
     ("dilated", {"window": 128, "dilation": 2}, False, "fwd"),
     ("longformer", {"window": 128, "globals": 16}, True, "fwd"),
     ("bigbird", {"block": 64, "random_blocks": 3}, False, "fwd"),
-], ids=["local", "local-causal-bwd", "dilated", "longformer-causal", "bigbird"])
+    ("dilated", {"window": 128, "dilation": 2}, True, "fwd+bwd"),
+    ("longformer", {"window": 128, "globals": 16}, False, "fwd+bwd"),
+    ("bigbird", {"block": 64, "random_blocks": 3}, True, "fwd+bwd"),
+], ids=["local", "local-causal-bwd", "dilated", "longformer-causal", "bigbird",
+        "dilated-causal-bwd", "longformer-bidir-bwd", "bigbird-causal-bwd"])
 def test_memory_and_flops_grow_linearly(name, knobs, causal, mode):
     rows = growth(name, [4096, 8192, 16384], knobs=knobs, causal=causal, mode=mode)
     assert_linear(rows, max_ratio=2.3)
