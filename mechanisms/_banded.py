@@ -26,7 +26,8 @@ FlexAttention (``impl=flex``)
 length at build time. Its ``BlockMask`` is built by :func:`build_block_mask` from the same
 ``mask_mod`` evaluated only on candidate tiles (linear in N), instead of
 ``create_block_mask``, which evaluates the full N×N mask (4.4 GiB of RSS at N=16,384 on
-the CPU). The compiled call is wrapped in a custom op (``effbench::flex_sparse_attention``)
+the CPU). The tile-level candidate table is a boolean (nt, nt), nt = ⌈N/128⌉: quadratic, but
+in tiles (2 MiB at N=131,072; 64 MiB at N=10⁶), built once at build time, never per call. The compiled call is wrapped in a custom op (``effbench::flex_sparse_attention``)
 so that dispatch-mode instrumentation (the storage tracker, FlopCounterMode) sees one opaque
 op, the way it sees SDPA's fused kernel, instead of forcing dynamo back to the unfused
 eager path (which materialises N×N scores and fails under dispatch modes).

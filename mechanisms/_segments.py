@@ -28,22 +28,22 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: 
     S = NP // L
     scale = 1.0 / math.sqrt(D)
     qs = q.view(B, H, S, L, D) * scale  # (B, H, S, L, D)
-    ks = k.view(B, H, S, L, D)
-    vs = v.view(B, H, S, L, D)
+    ks = k.view(B, H, S, L, D)  # (B, H, S, L, D)
+    vs = v.view(B, H, S, L, D)  # (B, H, S, L, D)
     s_cur = torch.matmul(qs, ks.transpose(-1, -2))  # (B, H, S, L, L)
     future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)  # (L, L)
-    s_cur.masked_fill_(future, float("-inf"))
+    s_cur.masked_fill_(future, float("-inf"))  # (B, H, S, L, L), in place
     m = s_cur.detach().amax(-1, keepdim=True)  # (B, H, S, L, 1), finite: the diagonal is visible
     if ctx_k.shape[-1]:
         s_ctx = torch.matmul(qs, ctx_k)  # (B, H, S, L, C)
-        s_ctx.masked_fill_(~ctx_visible[:, None, :], float("-inf"))
-        m = torch.maximum(m, s_ctx.detach().amax(-1, keepdim=True))
+        s_ctx.masked_fill_(~ctx_visible[:, None, :], float("-inf"))  # (S, 1, C) mask over (B, H, S, L, C)
+        m = torch.maximum(m, s_ctx.detach().amax(-1, keepdim=True))  # (B, H, S, L, 1)
         e_ctx = s_ctx.sub_(m).exp_()  # (B, H, S, L, C)
     e_cur = s_cur.sub_(m).exp_()  # (B, H, S, L, L)
     denom = e_cur.sum(-1, keepdim=True)  # (B, H, S, L, 1), >= 1 once the context is added
     out = torch.matmul(e_cur, vs)  # (B, H, S, L, D)
     if ctx_k.shape[-1]:
-        denom = denom + e_ctx.sum(-1, keepdim=True)
+        denom = denom + e_ctx.sum(-1, keepdim=True)  # (B, H, S, L, 1)
         out = out.add_(torch.matmul(e_ctx, ctx_v))  # in place: matmul's backward does not need its output
     out = out.div_(denom)
     return out.view(B, H, NP, D)
@@ -63,9 +63,9 @@ def windows(x: torch.Tensor, front: int, length: int, segment: int, n_seg: int) 
 
 def dense_mixed(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """One softmax over several key sets: parts = [(k (B,H,Nk,D), v, visible (Nq, Nk))], O(N²)."""
-    keys = torch.cat([p[0] for p in parts], dim=2)
-    values = torch.cat([p[1] for p in parts], dim=2)
-    mask = torch.cat([p[2] for p in parts], dim=1)
+    keys = torch.cat([p[0] for p in parts], dim=2)  # (B, H, ΣNk, D)
+    values = torch.cat([p[1] for p in parts], dim=2)  # (B, H, ΣNk, D)
+    mask = torch.cat([p[2] for p in parts], dim=1)  # (Nq, ΣNk)
     return masked_softmax_attention(q, keys, values, mask)
 
 

@@ -78,15 +78,15 @@ class AxialPositionalEncoding(nn.Module):
             xf = x[:, :rows * n2].view(B, rows, n2, D)  # (B, n₁', n₂, D)
             first = xf[..., :d1] + self.e1[:rows, None, :]  # (B, n₁', n₂, d₁)
             second = xf[..., d1:] + self.e2[None, :, :]  # (B, n₁', n₂, d₂)
-            parts.append(torch.cat([first, second], dim=-1).view(B, rows * n2, D))
+            parts.append(torch.cat([first, second], dim=-1).view(B, rows * n2, D))  # (B, n₁'·n₂, D)
         if N > rows * n2:  # the partial last row: positions rows·n₂ .. N−1
             xt = x[:, rows * n2:]  # (B, r, D)
             r = N - rows * n2
-            parts.append(torch.cat([xt[..., :d1] + self.e1[rows], xt[..., d1:] + self.e2[:r]], dim=-1))
+            parts.append(torch.cat([xt[..., :d1] + self.e1[rows], xt[..., d1:] + self.e2[:r]], dim=-1))  # (B, r, D)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, N, D)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Gather the full N×D table the obvious way, then add."""
-        p = torch.arange(x.shape[1], device=x.device)
+        p = torch.arange(x.shape[1], device=x.device)  # (N,)
         table = torch.cat([self.e1[p // self.n2], self.e2[p % self.n2]], dim=-1)  # (N, D)
-        return x + table
+        return x + table  # (B, N, D)

@@ -170,8 +170,8 @@ class BigBirdAttention(PatternAttention):
         slot_bias = additive_bias(valid, dtype, neg).repeat_interleave(b, dim=1)  # (nb−2, r·b)
         plan["gathered"] = Gathered(index, b, self.nb - 1, slot_bias) if self.random_blocks > 0 else None
         if self.causal:  # last block rows see every key j <= i: (N − last, N) bias, linear in N
-            i = torch.arange(last, N, device=device)[:, None]
-            j = torch.arange(N, device=device)[None, :]
+            i = torch.arange(last, N, device=device)[:, None]  # (N − last, 1)
+            j = torch.arange(N, device=device)[None, :]  # (1, N)
             plan["last_bias"] = additive_bias(j <= i, dtype, float("-inf"))
         return plan
 

@@ -75,18 +75,18 @@ class CompressiveAttention(SegmentRecurrence):
         N = q.shape[2]
         L, M, c, Mc = self.segment, self.memory, self.compress, self.compressed
         dev = q.device
-        i = torch.arange(N, device=dev)[:, None]
-        j = torch.arange(N, device=dev)[None, :]
-        start = (i // L) * L
-        same = (j <= i) & (j >= start)
-        mem = (j < start) & (j >= start - M)
+        i = torch.arange(N, device=dev)[:, None]  # (N, 1) query positions
+        j = torch.arange(N, device=dev)[None, :]  # (1, N) key positions
+        start = (i // L) * L  # (N, 1) start of each query's segment
+        same = (j <= i) & (j >= start)  # (N, N)
+        mem = (j < start) & (j >= start - M)  # (N, N)
         parts = [(k, v, same), (k.detach(), v.detach(), mem)]
         if Mc and N >= c:
             # pooled key e = mean of positions [e, e + c), e = 0..N−c (the obvious way: a loop over offsets)
             kd, vd = k.detach(), v.detach()
             pk = sum(kd[:, :, t:N - c + 1 + t] for t in range(c)) / c  # (B, H, N − c + 1, D)
-            pv = sum(vd[:, :, t:N - c + 1 + t] for t in range(c)) / c
-            e = torch.arange(N - c + 1, device=dev)[None, :]
+            pv = sum(vd[:, :, t:N - c + 1 + t] for t in range(c)) / c  # (B, H, N − c + 1, D)
+            e = torch.arange(N - c + 1, device=dev)[None, :]  # (1, N − c + 1) pooled key positions
             first = start - M - Mc * c  # start of the oldest compressed group
             comp = (e >= first) & (e < start - M) & ((e - first) % c == 0) & (e >= 0)
             parts.append((pk, pv, comp))

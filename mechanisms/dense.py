@@ -34,6 +34,7 @@ class DenseAttention(nn.Module):
         return torch.matmul(p, v)  # (B, H, N, D)
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(QKᵀ/√D + mask)V by the shared masked-softmax helper (the same mathematics as forward)."""
         mask = causal_mask(q.shape[-2], q.device) if self.causal else None
         return masked_softmax_attention(q, k, v, mask)
 

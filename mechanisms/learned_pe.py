@@ -30,5 +30,6 @@ class LearnedPositionalEncoding(nn.Module):
         return x + self.table[:N]  # (B, N, D)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.arange(x.shape[1], device=x.device)
-        return x + self.table[p]
+        """Gather the table row of every position, then add."""
+        p = torch.arange(x.shape[1], device=x.device)  # (N,)
+        return x + self.table[p]  # (B, N, D)

@@ -61,10 +61,10 @@ class LongformerAttention(PatternAttention):
 
     @classmethod
     def _candidates(cls, n: int, tile: int, window: int, globals_: int, causal: bool) -> torch.Tensor:
-        cand = tile_span_candidates(n, tile, window, 0 if causal else window)
+        cand = tile_span_candidates(n, tile, window, 0 if causal else window)  # (nt, nt) tiles, nt = ⌈N/tile⌉
         nt = cand.shape[0]
-        first = torch.arange(nt) * tile < globals_
-        cand = cand | first[None, :] | first[:, None]
+        first = torch.arange(nt) * tile < globals_  # (nt,) tiles holding global positions
+        cand = cand | first[None, :] | first[:, None]  # (nt, nt)
         if causal:
             cand = cand & torch.ones(nt, nt, dtype=torch.bool).tril()
         return cand

@@ -20,7 +20,7 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Ten
     blocks = []
     for _ in range(math.ceil(m / d)):
         gauss = torch.randn(d, d, generator=generator, dtype=torch.float64)  # (D, D)
-        qmat, rmat = torch.linalg.qr(gauss)
+        qmat, rmat = torch.linalg.qr(gauss)  # (D, D), (D, D)
         qmat = qmat * torch.sign(torch.diagonal(rmat))  # columns orthonormal, Haar
         blocks.append(qmat.T)  # rows orthonormal
     rows = torch.cat(blocks, dim=0)[:m]  # (m, D)
@@ -164,8 +164,8 @@ class PerformerAttention(nn.Module):
         qmax = aq.detach().amax(dim=-1, keepdim=True)  # (B, H, N, 1)
         kmax = ak.detach().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
         half = 0.5 / math.sqrt(self.head_dim)
-        fq = torch.exp(aq - half * (q * q).sum(-1, keepdim=True) - qmax) + FEATURE_EPS
-        fk = torch.exp(ak - half * (k * k).sum(-1, keepdim=True) - kmax) + FEATURE_EPS
+        fq = torch.exp(aq - half * (q * q).sum(-1, keepdim=True) - qmax) + FEATURE_EPS  # (B, H, N, m)
+        fk = torch.exp(ak - half * (k * k).sum(-1, keepdim=True) - kmax) + FEATURE_EPS  # (B, H, N, m)
         ratio = self.features ** -0.5
         return ratio * fq, ratio * fk
 

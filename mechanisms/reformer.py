@@ -18,7 +18,8 @@ from .base import Knob, register
         Knob("rounds", default=1, axis="rounds", minimum=1, help="hash rounds R"),
         Knob("bucket", default=64, axis="bucket", minimum=1, help="chunk length c of the sorted sequence"),
         Knob("buckets", default=0, minimum=0,
-             help="number of hash buckets n_b (even); 0 = 2·ceil(N/c), i.e. about 2N/c"),
+             help="number of hash buckets n_b (even); 0 = 2·ceil(N/c) ≈ 2N/c, the paper's choice, whose "
+                  "hashing costs N·D·n_b ≈ 2N²·D/c FLOPs; a fixed n_b keeps FLOPs linear in N"),
     ],
 )
 class ReformerAttention(nn.Module):
@@ -173,8 +174,8 @@ class ReformerAttention(nn.Module):
             v_p = F.pad(v, (0, 0, 0, n_pad - N))  # (G, Np, D)
         else:
             x_p, v_p = x, v
-        x_flat = x_p.reshape(G * n_pad, D)
-        v_flat = v_p.reshape(G * n_pad, D)
+        x_flat = x_p.reshape(G * n_pad, D)  # (G·Np, D)
+        v_flat = v_p.reshape(G * n_pad, D)  # (G·Np, D)
         heads = torch.arange(G, device=x.device)[:, None]  # (G, 1)
         tail = torch.arange(N, n_pad, device=x.device).expand(G, -1)  # (G, Np − N)
         slots = torch.arange(n_pad, device=x.device).expand(G, -1)  # (G, Np)
@@ -226,10 +227,10 @@ class ReformerAttention(nn.Module):
                 acc_o = o_r * acc_w  # (G, N, D)
             else:
                 m_new = torch.maximum(acc_m, lse_r.detach())  # (G, N, 1)
-                rescale = torch.exp(acc_m - m_new)
-                w = torch.exp(lse_r - m_new)
+                rescale = torch.exp(acc_m - m_new)  # (G, N, 1)
+                w = torch.exp(lse_r - m_new)  # (G, N, 1)
                 acc_o = acc_o.mul_(rescale).addcmul_(o_r, w)  # (G, N, D), in place: no new N·D buffers
-                acc_w = acc_w * rescale + w
+                acc_w = acc_w * rescale + w  # (G, N, 1)
                 acc_m = m_new
             del o_r
         return acc_o.div_(acc_w)
@@ -242,10 +243,10 @@ class ReformerAttention(nn.Module):
         c, n_chunks = self._chunks(N)
         kn = self.keys(q)  # (B, H, N, D)
         s = torch.matmul(q, kn.transpose(-1, -2))  # (B, H, N, N)
-        eye = torch.eye(N, dtype=torch.bool, device=q.device)
+        eye = torch.eye(N, dtype=torch.bool, device=q.device)  # (N, N)
         s = s.masked_fill(eye, self._self_score(s.dtype))
-        count = torch.zeros(B * H, N, N, dtype=q.dtype, device=q.device)
-        x = q.reshape(B * H, N, D)
+        count = torch.zeros(B * H, N, N, dtype=q.dtype, device=q.device)  # (BH, N, N)
+        x = q.reshape(B * H, N, D)  # (BH, N, D)
         buckets = self.hash(x) if n_chunks > 1 else None  # (BH, R, N)
         for r in range(self.rounds):
             if n_chunks == 1:

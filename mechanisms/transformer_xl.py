@@ -48,9 +48,9 @@ class TransformerXLAttention(SegmentRecurrence):
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Dense attention under j ≤ i, j ≥ ⌊i/L⌋·L − M, memory keys/values detached."""
         N = q.shape[2]
-        i = torch.arange(N, device=q.device)[:, None]
-        j = torch.arange(N, device=q.device)[None, :]
-        start = (i // self.segment) * self.segment
+        i = torch.arange(N, device=q.device)[:, None]  # (N, 1) query positions
+        j = torch.arange(N, device=q.device)[None, :]  # (1, N) key positions
+        start = (i // self.segment) * self.segment  # (N, 1) start of each query's segment
         same = (j <= i) & (j >= start)  # (N, N) own segment, causal
         mem = (j < start) & (j >= start - self.memory)  # (N, N) memory
         return dense_mixed(q, [(k, v, same), (k.detach(), v.detach(), mem)])
