@@ -1,8 +1,10 @@
-"""Shared test helpers: measure how peak memory and counted FLOPs grow with N."""
+"""Shared test helpers: a mechanism against its float64 reference; how peak memory and counted FLOPs grow with N."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import torch
 
 from effbench.cases import Case
 from effbench.measure.flops import count_flops
@@ -33,3 +35,24 @@ def assert_linear(rows: list[tuple[int, int, int]], max_ratio: float = 2.3) -> N
         assert m0 > 0 and f0 > 0, f"nothing measured at n={n0}: peak={m0}, flops={f0}"
         assert m1 / m0 <= max_ratio, f"memory ×{m1 / m0:.2f} from n={n0} to {n1} ({m0} -> {m1} bytes)"
         assert f1 / f0 <= max_ratio, f"FLOPs ×{f1 / f0:.2f} from n={n0} to {n1} ({f0} -> {f1})"
+
+
+def assert_matches_reference(m32, m64, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, atol: float = 1e-5):
+    """forward of the float32 module ``m32`` equals ``m64.reference`` in float64 to ``atol`` (and m64's own forward
+    to 1e-10), and so do the gradients for a fixed upstream gradient. q, k, v (B, H, N, D) float32 leaves with
+    requires_grad. Returns the float32 and float64 gradients (None where an input is unused, e.g. shared-QK k)."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = m32(q, k, v)
+    ref = m64.reference(q64, k64, v64)
+    assert out.shape == q.shape[:-1] + v.shape[-1:]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(m64(q64, k64, v64), ref, atol=1e-10, rtol=0)
+
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(out, (q, k, v), g, allow_unused=True)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), g.double(), allow_unused=True)
+    for got, want in zip(grads, refs):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
+    return grads, refs
