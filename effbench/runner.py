@@ -10,7 +10,8 @@ waits, with a timeout, and classifies:
 - ``ok``: every pass finished;
 - ``skipped``: ``spec.unsupported(case)`` gave reasons (in ``error``);
 - ``predicted_oom``: the fake-tensor prediction did not fit ``mem_budget``;
-- ``oom``: ``torch.OutOfMemoryError`` caught by type in the child;
+- ``oom``: ``torch.OutOfMemoryError`` caught by type in the child (CUDA), or the CPU allocator's
+  "can't allocate memory" RuntimeError, recognised by its message (the CPU has no OOM exception type);
 - ``timeout``: the child ran past ``timeout`` seconds and was killed;
 - ``killed``: the child died from a signal (the OS OOM killer sends SIGKILL);
 - ``error``: any other exception, as one line ``Type: message``.
@@ -216,6 +217,16 @@ def _flops_fields(spec, case: Case, flops: int, missing: list[str]) -> dict[str,
     return {"flops": flops, "flops_source": f"FlopCounterMode (partial: uncounted {', '.join(missing)})"}
 
 
+# PyTorch's CPU allocator reports ENOMEM as a plain RuntimeError (c10::Error), not torch.OutOfMemoryError:
+# "[enforce fail at alloc_cpu.cpp:…] … DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes".
+CPU_ALLOC_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_cpu_alloc_failure(exc: BaseException) -> bool:
+    """True when ``exc`` is the CPU allocator failing to allocate (an out-of-memory, by its own message)."""
+    return isinstance(exc, RuntimeError) and CPU_ALLOC_FAILURE in str(exc)
+
+
 def _child(conn, case: Case, opts: RunOptions) -> None:
     import torch
 
@@ -230,7 +241,7 @@ def _child(conn, case: Case, opts: RunOptions) -> None:
     except MemoryError as exc:
         report({"status": "oom", "error": _one_line(exc) or "MemoryError"})
     except Exception as exc:
-        report({"status": "error", "error": _one_line(exc)})
+        report({"status": "oom" if is_cpu_alloc_failure(exc) else "error", "error": _one_line(exc)})
     finally:
         conn.send(("done", None))
         conn.close()

@@ -27,18 +27,20 @@ def _opts(**kw):
 def test_fault_rows_beside_an_ok_row(tmp_path):
     out = tmp_path / "r.csv"
     cases = [Case(mechanism=m, n=64, heads=2, head_dim=16)
-             for m in ("plant-killed", "plant-hang", "plant-oom", "plant-error", "sdpa")]
+             for m in ("plant-killed", "plant-hang", "plant-oom", "plant-cpu-oom", "plant-error", "sdpa")]
     report = run_sweep(cases, _opts(timeout=4), out)
     status = {r["mechanism"]: r for r in report.rows}
     assert status["plant-killed"]["status"] == "killed" and "SIGKILL" in status["plant-killed"]["error"]
     assert status["plant-hang"]["status"] == "timeout"
     assert status["plant-oom"]["status"] == "oom" and "OutOfMemoryError" in status["plant-oom"]["error"]
+    cpu = status["plant-cpu-oom"]  # the CPU allocator raises RuntimeError, recognised by its message
+    assert cpu["status"] == "oom" and "can't allocate memory" in cpu["error"] and "\n" not in cpu["error"]
     assert status["plant-error"]["status"] == "error"
     assert status["plant-error"]["error"] == "ValueError: something went wrong"  # one line
     ok = status["sdpa"]
     assert ok["status"] == "ok" and ok["peak_tensor_bytes"] > 0 and ok["flops"] == 4 * 2 * 64 * 64 * 16
     df = results.read_results(out)
-    assert len(df) == 5 and set(df["status"]) == {"killed", "timeout", "oom", "error", "ok"}
+    assert len(df) == 6 and set(df["status"]) == {"killed", "timeout", "oom", "error", "ok"}
 
 
 def test_oom_frontier_records_larger_n_without_running(tmp_path):

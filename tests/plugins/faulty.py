@@ -42,6 +42,14 @@ class RunsOutOfMemory(_Base):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (planted)")
 
 
+@register(name="plant-cpu-oom", family="exact", complexity="O(1)")
+class CpuAllocatorFails(_Base):
+    """Asks the CPU allocator for 1 PiB: more than any address space, so it raises (a RuntimeError)."""
+
+    def forward(self, q, k, v):
+        return torch.empty(1 << 50, dtype=torch.uint8)
+
+
 @register(name="plant-error", family="exact", complexity="O(1)")
 class Fails(_Base):
     """Raises an ordinary exception with a multi-line message."""
