@@ -9,7 +9,7 @@ import mechanisms
 from effbench.cases import Case
 from effbench.measure.flops import count_flops
 from effbench.measure.memory import NvmlSampler, StorageTracker, cuda_pass, tracked_peak
-from effbench.measure.timing import time_cuda
+from effbench.measure.timing import time_cpu, time_cuda
 from effbench.runner import predict
 from effbench.workload import prepare
 
@@ -174,6 +174,14 @@ class FakeEvent:
 
     def elapsed_time(self, end):
         return end.t - self.t
+
+
+def test_cpu_timing_calls_exactly_warmup_plus_repeats():
+    calls = []
+    t = time_cpu(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7  # torch's Timer.timeit(1) would have made 2 + 5·3 calls
+    assert t.repeats == 5 and len(t.samples_ms) == 5 and t.timer == "perf_counter"
+    assert t.median_ms > 0 and t.iqr_ms >= 0
 
 
 def test_cuda_event_timing_median_and_iqr():
