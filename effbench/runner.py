@@ -115,7 +115,7 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
     import torch
 
     from .measure.flops import count_flops
-    from .measure.memory import NvmlSampler, cuda_pass, load_nvml, rss_pass, tracked_peak
+    from .measure.memory import NvmlSampler, cuda_pass, cuda_uuid, load_nvml, rss_pass, tracked_peak
     from .measure.timing import time_cpu, time_cuda
     from .plugins import load_plugins
     from .workload import prepare
@@ -129,6 +129,11 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
         report({"status": "skipped", "error": "; ".join(reasons)})
         return
     on_cuda = case.device.startswith("cuda")
+    if on_cuda:
+        # CUDA events record on the current device's stream and empty_cache acts on the current device:
+        # make the case's device current (this child runs nothing else).
+        if torch.device(case.device).index is not None:
+            torch.cuda.set_device(torch.device(case.device))
     fake_flops = None
     readings: list[str] = []
 
@@ -182,16 +187,22 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
         if on_cuda:
             dev = torch.device(case.device)
             nvml = load_nvml()
-            sampler = NvmlSampler(nvml, index=dev.index or 0) if nvml is not None else None
-            if sampler is not None:
-                with sampler:
-                    reading, _ = cuda_pass(w.call, dev)
-            else:
-                reading, _ = cuda_pass(w.call, dev)
+            sampler = (NvmlSampler(nvml, index=torch.cuda.current_device() if dev.index is None else dev.index,
+                                   uuid=cuda_uuid(dev)) if nvml is not None else None)
+            try:
+                reading, _ = cuda_pass(w.call, dev, sampler=sampler)  # the sampler starts after empty_cache
+            finally:
+                if nvml is not None:
+                    try:
+                        nvml.nvmlShutdown()
+                    except Exception:
+                        pass
+            # an NVML failure mid-pass leaves a partial reading: it is not reported as a peak
+            nvml_ok = sampler is not None and sampler.peak_bytes is not None and sampler.error is None
             report({"peak_alloc_bytes": reading.peak_alloc_bytes, "peak_reserved_bytes": reading.peak_reserved_bytes,
-                    "nvml_peak_bytes": sampler.peak_bytes if sampler else None,
-                    "nvml_process_peak_bytes": sampler.process_peak if sampler else None})
-            took("cuda-allocator", *(["nvml"] if sampler is not None and sampler.peak_bytes is not None else []))
+                    "nvml_peak_bytes": sampler.peak_bytes if nvml_ok else None,
+                    "nvml_process_peak_bytes": sampler.process_peak if nvml_ok else None})
+            took("cuda-allocator", *(["nvml"] if nvml_ok else []))
         else:
             rss, _ = rss_pass(w.call)
             report({"rss_peak_bytes": rss})

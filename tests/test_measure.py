@@ -121,6 +121,25 @@ def test_cuda_pass_order_and_baseline():
     assert log.index("max_memory_allocated") > run + 1 and log.index("max_memory_reserved") > run + 1
 
 
+def test_nvml_sampler_starts_after_empty_cache_and_stops_after_sync():
+    """The idle baseline must be read after empty_cache: cached blocks of earlier passes would raise it."""
+    log = []
+
+    class LoggingSampler:
+        def __enter__(self):
+            log.append("sampler_enter")
+            return self
+
+        def __exit__(self, *exc):
+            log.append("sampler_exit")
+
+    cuda_pass(lambda: log.append("run"), "cuda:1", cuda=FakeCuda(log), sampler=LoggingSampler())
+    run = log.index("run")
+    assert log.index("empty_cache") < log.index("memory_reserved") < log.index("sampler_enter") < run
+    assert log[run + 1] == "synchronize" and log[run + 2] == "sampler_exit"
+    assert log.index("sampler_exit") < log.index("max_memory_allocated")
+
+
 class FakeNvml:
     """Device memory 'used' is 500 B when idle, 800 B while the pass runs; this process holds 50/250."""
 
@@ -130,6 +149,11 @@ class FakeNvml:
 
     def nvmlDeviceGetHandleByIndex(self, index):
         return ("handle", index)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if not uuid.startswith("GPU-"):
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+        return ("handle", uuid)
 
     def nvmlDeviceGetMemoryInfo(self, handle):
         if self.running:
@@ -198,3 +222,76 @@ def test_cuda_event_timing_median_and_iqr():
     assert t.timer == "cuda-events" and t.repeats == 5
     assert abs(t.median_ms - 30.0) < 1e-9
     assert abs(t.iqr_ms - 20.0) < 1e-9  # quartiles 20 and 40
+
+
+def test_nvml_sampler_finds_the_device_by_uuid_then_index():
+    nvml = FakeNvml()
+    s = NvmlSampler(nvml, index=3, uuid="GPU-1234")
+    assert s._device() == ("handle", "GPU-1234")  # NVML's own index order may differ from CUDA's
+    assert NvmlSampler(nvml, index=3, uuid="bogus")._device() == ("handle", 3)  # unknown UUID: fall back
+    assert NvmlSampler(nvml, index=2)._device() == ("handle", 2)
+
+
+def test_nvml_failure_mid_pass_keeps_readings_and_never_raises():
+    class Flaky(FakeNvml):
+        calls = 0
+
+        def nvmlDeviceGetMemoryInfo(self, handle):
+            Flaky.calls += 1
+            if Flaky.calls > 2:
+                raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+            return type("Mem", (), {"used": 500 + 100 * Flaky.calls})()
+
+    with NvmlSampler(Flaky(), interval_s=0.001) as sampler:
+        deadline = 200
+        while sampler.error is None and deadline:
+            threading.Event().wait(0.005)
+            deadline -= 1
+    assert sampler.error == "RuntimeError: NVML_ERROR_GPU_IS_LOST"
+    assert sampler.baseline == 600 and sampler.peak_bytes == 100  # what it read before NVML failed
+
+    class Dead(FakeNvml):
+        def nvmlDeviceGetMemoryInfo(self, handle):
+            raise RuntimeError("NVML_ERROR_UNINITIALIZED")
+
+    with NvmlSampler(Dead()) as dead:
+        pass
+    assert dead.peak_bytes is None and dead.error.startswith("RuntimeError")
+
+
+def test_runner_cuda_branch_end_to_end_with_fakes(monkeypatch):
+    """The runner's whole CUDA path on the CPU: torch.cuda and pynvml replaced by fakes, the workload built on
+    the CPU. Checks the device is made current, every reading lands in its column, and NVML is shut down."""
+    import effbench.measure.memory as memory_mod
+    import effbench.workload as workload_mod
+    from effbench.runner import RunOptions, _measure
+
+    log = []
+    fake = FakeCuda(log)
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats", "memory_allocated", "memory_reserved",
+                 "max_memory_allocated", "max_memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: log.append(f"set_device {torch.device(d)}"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"uuid": "abcd"})())
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+
+    class Nvml(FakeNvml):
+        def nvmlShutdown(self):
+            log.append("nvmlShutdown")
+
+    nvml = Nvml()
+    monkeypatch.setattr(memory_mod, "load_nvml", lambda: nvml)
+    real_prepare = workload_mod.prepare
+    monkeypatch.setattr(workload_mod, "prepare", lambda case, device=None: real_prepare(case, "cpu"))
+
+    row = {}
+    case = Case(mechanism="sdpa", n=64, heads=2, head_dim=16, device="cuda:1")
+    _measure(case, RunOptions(warmup=1, repeats=3, predict=False), row.update)
+    assert row["status"] == "ok"
+    assert log[0] == "set_device cuda:1"
+    assert (row["peak_alloc_bytes"], row["peak_reserved_bytes"]) == (1000, 2000)  # from FakeCuda's script
+    assert row["timer"] == "cuda-events" and row["repeats"] == 3
+    assert row["nvml_peak_bytes"] == 0 and row["readings"] == "time+tracker+cuda-allocator+nvml+flops"
+    assert row["peak_tensor_bytes"] > 0 and row["flops"] == 4 * 2 * 64 * 64 * 16
+    assert log[-1] == "nvmlShutdown" and "rss_peak_bytes" not in row

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -127,9 +128,15 @@ class CudaReading:
     peak_reserved_bytes: int
 
 
-def cuda_pass(fn: Callable[[], Any], device: torch.device | str, cuda: Any = None) -> tuple[CudaReading, Any]:
+def cuda_pass(fn: Callable[[], Any], device: torch.device | str, cuda: Any = None,
+              sampler: "NvmlSampler | None" = None) -> tuple[CudaReading, Any]:
     """Allocator peak of ``fn`` on ``device``, above what was allocated/reserved before it.
 
+    Order (PyTorch's memory-management notes): synchronise, ``empty_cache`` (so cached blocks
+    of earlier passes neither hide the call's own reservations nor count as its peak),
+    ``reset_peak_memory_stats``, read the bytes held before, run, synchronise, read the peaks.
+    ``sampler`` (an :class:`NvmlSampler`) is entered only after the cache is emptied, so its idle
+    baseline is the device without cached blocks, and left after the final synchronise.
     ``cuda`` defaults to ``torch.cuda``; tests pass a fake to check the order of calls.
     """
     cuda = torch.cuda if cuda is None else cuda
@@ -139,8 +146,9 @@ def cuda_pass(fn: Callable[[], Any], device: torch.device | str, cuda: Any = Non
     cuda.reset_peak_memory_stats(device)
     alloc_before = cuda.memory_allocated(device)
     reserved_before = cuda.memory_reserved(device)
-    result = fn()
-    cuda.synchronize(device)
+    with sampler if sampler is not None else contextlib.nullcontext():
+        result = fn()
+        cuda.synchronize(device)
     reading = CudaReading(
         peak_alloc_bytes=cuda.max_memory_allocated(device) - alloc_before,
         peak_reserved_bytes=cuda.max_memory_reserved(device) - reserved_before,
@@ -160,27 +168,54 @@ def load_nvml() -> Any | None:
         return None
 
 
+def cuda_uuid(device: torch.device | str) -> str | None:
+    """NVML's name of a CUDA device, ``"GPU-<uuid>"``: NVML indexes devices in its own order and ignores
+    CUDA_VISIBLE_DEVICES, so torch's device index may name another GPU there; the UUID does not."""
+    try:
+        return f"GPU-{torch.cuda.get_device_properties(torch.device(device)).uuid}"
+    except Exception:  # very old drivers/torch: no uuid
+        return None
+
+
 @dataclass
 class NvmlSampler:
     """Poll device memory used (and this process's, where the driver reports it) every ``interval_s``.
 
     Use as a context manager around the memory pass; ``peak_bytes`` is the highest
     device reading minus the idle baseline read on entry (``None`` if NVML failed).
+    The device is looked up by ``uuid`` when given (``nvmlDeviceGetHandleByUUID``), else by
+    NVML ``index``. A failing NVML call never fails the case: the sampler stops, keeps what it
+    read and records the error in ``error``. ``process_peak`` needs the driver to report this
+    process's PID; inside a container NVML reports host PIDs, so it stays ``None`` there.
     """
 
     nvml: Any
     index: int = 0
+    uuid: str | None = None
     interval_s: float = 0.002
     pid: int = field(default_factory=os.getpid)
     baseline: int | None = None
     peak_used: int | None = None
     process_peak: int | None = None
     samples: int = 0
+    error: str | None = None
+    _handle: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
+    def _device(self) -> Any:
+        if self._handle is None:
+            if self.uuid is not None:
+                try:
+                    self._handle = self.nvml.nvmlDeviceGetHandleByUUID(self.uuid)
+                except Exception:  # a driver that does not know the UUID: fall back to the index
+                    self._handle = self.nvml.nvmlDeviceGetHandleByIndex(self.index)
+            else:
+                self._handle = self.nvml.nvmlDeviceGetHandleByIndex(self.index)
+        return self._handle
+
     def _read(self) -> tuple[int, int | None]:
-        handle = self.nvml.nvmlDeviceGetHandleByIndex(self.index)
+        handle = self._device()
         used = int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used)
         mine = None
         try:
@@ -192,19 +227,28 @@ class NvmlSampler:
         return used, mine
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
+        while not self._stop.is_set() and self._sample():
             self._stop.wait(self.interval_s)
 
-    def _sample(self) -> None:
-        used, mine = self._read()
+    def _sample(self) -> bool:
+        """One reading; False (and ``error`` set) when NVML failed."""
+        try:
+            used, mine = self._read()
+        except Exception as exc:
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
+            return False
         self.samples += 1
         self.peak_used = used if self.peak_used is None else max(self.peak_used, used)
         if mine is not None:
             self.process_peak = mine if self.process_peak is None else max(self.process_peak, mine)
+        return True
 
     def __enter__(self) -> "NvmlSampler":
-        self.baseline, _ = self._read()
+        try:
+            self.baseline, _ = self._read()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            return self
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
         self._thread.start()
@@ -214,7 +258,7 @@ class NvmlSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._sample()  # one last reading after the pass
+            self._sample()  # one last reading after the pass
 
     @property
     def peak_bytes(self) -> int | None:

@@ -77,7 +77,7 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_t
         fn()
         end.record()
         end.synchronize()
-        elapsed = start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+        elapsed = max(start.elapsed_time(end) / 1e3, 1e-9)  # ms -> s; > 0, as torch's Timer (median 0 divides by 0)
         times_s.append(elapsed)
         spent += elapsed
     m = Measurement(number_per_run=1, raw_times=times_s, task_spec=TaskSpec(stmt="fn()", setup="", label=label))
