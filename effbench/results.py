@@ -111,9 +111,7 @@ class ResultsWriter:
         header = _read_header(self.path)
         if header is None:
             self.columns = wanted
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(_line(wanted))
-            os.replace(tmp, self.path)
+            _atomic_write(self.path, _line(wanted))
         else:
             check_header(header, self.path)
             _cut_torn_tail(self.path)
@@ -180,10 +178,17 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 def done_keys(path: str | Path) -> set[str]:
     """Case keys already in a results file (for ``--resume``)."""
+    return set(done_statuses(path))
+
+
+def done_statuses(path: str | Path) -> dict[str, str]:
+    """Case key -> status of the rows already in a results file (``--resume`` skips them and rebuilds the
+    OOM frontier from their ``oom``/``killed`` rows)."""
     path = Path(path)
     if not path.exists() or _read_header(path) is None:
-        return set()
-    return set(read_results(path)["case_key"].dropna().astype(str))
+        return {}
+    df = read_results(path).dropna(subset=["case_key"])
+    return dict(zip(df["case_key"].astype(str), df["status"].astype(str)))
 
 
 def append_run(path: str | Path, run: Mapping[str, Any]) -> None:
@@ -193,9 +198,21 @@ def append_run(path: str | Path, run: Mapping[str, Any]) -> None:
     if side.exists():
         try:
             data = json.loads(side.read_text())
-        except json.JSONDecodeError:
-            data = {"format": "effbench-results/1", "runs": [], "note": "previous sidecar was unreadable"}
+        except json.JSONDecodeError:  # keep the damaged file for the user; start a new history beside it
+            bad = side.with_name(side.name + ".bad")
+            os.replace(side, bad)
+            data = {"format": "effbench-results/1", "runs": [],
+                    "note": f"the previous sidecar did not parse; it was moved to {bad.name}"}
     data.setdefault("runs", []).append(dict(run))
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, side)
+    _atomic_write(side, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, fsync it, then rename it over ``path``: a crash leaves the old
+    file or the new one, never an empty or half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -48,13 +48,15 @@ def run_sweep(cases: Iterable[Case], opts: RunOptions, out: str | Path, *, resum
     extra_knobs = {k for c in cases for k, _ in c.knobs}
     writer = results.ResultsWriter(out, extra_knobs=extra_knobs)
     report = SweepReport(run_id=uuid.uuid4().hex[:12])
-    done = results.done_keys(out) if resume else set()
+    done = results.done_statuses(out) if resume else {}
     results.append_run(out, {"run_id": report.run_id, **(run_info or {}),
                              "options": {k: v for k, v in opts.__dict__.items()}})
     frontier: dict[tuple, tuple[int, str]] = {}
     for case in cases:
         if case.key in done:
             report.resumed += 1
+            if done[case.key] in ("oom", "killed") and case.config not in frontier:  # the frontier survives resume
+                frontier[case.config] = (case.n, done[case.key])
             continue
         if on_start:
             on_start(case)

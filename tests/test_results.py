@@ -1,5 +1,6 @@
 """The results file: round trip, torn lines, header widening, refusing foreign files, resume after SIGKILL."""
 
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,14 @@ def test_sigkilled_sweep_resumes_to_the_same_rows_without_duplicates(tmp_path):
     again = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert len(results.read_results(out)) == 8
+
+
+def test_unreadable_sidecar_is_kept_aside_not_lost(tmp_path):
+    out = tmp_path / "r.csv"
+    side = results.sidecar_path(out)
+    side.write_text('{"runs": [{"run_id": "old"')  # torn JSON
+    results.append_run(out, {"run_id": "new"})
+    data = json.loads(side.read_text())
+    assert [r["run_id"] for r in data["runs"]] == ["new"] and "r.json.bad" in data["note"]
+    assert side.with_name(side.name + ".bad").read_text() == '{"runs": [{"run_id": "old"'
+    assert not side.with_name(side.name + ".tmp").exists()

@@ -70,3 +70,23 @@ def test_memory_budget_gives_predicted_oom_fast():
     assert r["status"] == "predicted_oom"
     assert r["predicted_bytes"] >= 2 * 8 * 16384**2 * 4
     assert "time_ms_median" not in r
+
+
+def test_resume_keeps_the_oom_frontier(tmp_path):
+    out = tmp_path / "r.csv"
+
+    def first(case, opts):
+        return {"status": "oom", "error": "OutOfMemoryError: planted"} if case.n >= 2048 else {"status": "ok"}
+
+    run_sweep([Case(mechanism="dense", n=n) for n in (1024, 2048)], _opts(), out, runner=first)
+    calls = []
+
+    def second(case, opts):
+        calls.append(case.n)
+        return {"status": "ok"}
+
+    report = run_sweep([Case(mechanism="dense", n=n) for n in (1024, 2048, 4096)], _opts(), out, resume=True,
+                       runner=second)
+    assert calls == [] and report.resumed == 2
+    (row,) = report.rows
+    assert row["n"] == 4096 and row["status"] == "predicted_oom" and "oom at n=2048" in row["error"]
