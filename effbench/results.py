@@ -173,7 +173,31 @@ def read_results(path: str | Path) -> pd.DataFrame:
     for col in INT_COLUMNS:
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    _type_knob_columns(df)
     return df
+
+
+def _type_knob_columns(df: pd.DataFrame) -> None:
+    """Knob columns back with their knob's type: an int knob is Int64 (not float because other mechanisms
+    leave it empty), a bool knob is pandas' nullable boolean, a float knob float; others stay text."""
+    import mechanisms
+
+    types: dict[str, type] = {}
+    for spec in mechanisms.REGISTRY.values():
+        for knob in spec.knobs:
+            types.setdefault(knob.name, knob.type)
+    for col, kind in types.items():
+        if col not in df or col in INT_COLUMNS:
+            continue
+        if kind is bool:
+            df[col] = df[col].map(lambda v: pd.NA if pd.isna(v) else str(v).strip().lower() in ("true", "1", "yes"))
+            df[col] = df[col].astype("boolean")
+        elif kind is int:
+            num = pd.to_numeric(df[col], errors="coerce")
+            if (num.dropna() % 1 == 0).all():
+                df[col] = num.astype("Int64")
+        elif kind is float:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
 
 
 def done_keys(path: str | Path) -> set[str]:

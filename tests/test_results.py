@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from effbench import results
@@ -113,3 +114,18 @@ def test_unreadable_sidecar_is_kept_aside_not_lost(tmp_path):
     assert [r["run_id"] for r in data["runs"]] == ["new"] and "r.json.bad" in data["note"]
     assert side.with_name(side.name + ".bad").read_text() == '{"runs": [{"run_id": "old"'
     assert not side.with_name(side.name + ".tmp").exists()
+
+
+def test_knob_columns_come_back_with_their_types(tmp_path):
+    from effbench.cases import Case
+    from effbench.sweep import case_row
+
+    writer = results.ResultsWriter(tmp_path / "r.csv", extra_knobs={"window", "redraw", "features"})
+    for case in (Case(mechanism="local", n=64, knobs=(("window", 8),)),
+                 Case(mechanism="performer", n=64, knobs=(("features", 16), ("redraw", True))),
+                 Case(mechanism="dense", n=64)):
+        writer.append({**case_row(case), "status": "ok"})
+    df = results.read_results(tmp_path / "r.csv").set_index("mechanism")
+    assert str(df["window"].dtype) == "Int64" and df.at["local", "window"] == 8  # not 8.0
+    assert str(df["redraw"].dtype) == "boolean" and bool(df.at["performer", "redraw"]) is True
+    assert pd.isna(df.at["dense", "window"]) and pd.isna(df.at["dense", "redraw"])
