@@ -27,6 +27,28 @@ class CaseError(ValueError):
     """A case or sweep that cannot be formed (bad size, unknown dtype, ...)."""
 
 
+def _canonical_knobs(mechanism: str, knobs: Iterable[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """Sorted, with every knob set to its default left out: ``--window 256`` (local's default) and no
+    ``--window`` are one case with one key, so ``--resume`` never runs it twice. A mechanism not (yet)
+    registered keeps its knobs as given."""
+    given = dict(knobs)
+    try:
+        spec = mechanisms.get(mechanism)
+    except mechanisms.RegistryError:
+        return tuple(sorted(given.items()))
+    defaults = {k.name: k for k in spec.knobs}
+    out = {}
+    for name, value in given.items():
+        knob = defaults.get(name)
+        try:
+            if knob is not None and knob.parse(value) == knob.default:
+                continue
+        except mechanisms.RegistryError:
+            pass  # an invalid value is refused later, with the knob's own message
+        out[name] = value
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class Case:
     mechanism: str
@@ -50,7 +72,7 @@ class Case:
             raise CaseError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if self.mode not in MODES:
             raise CaseError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
-        object.__setattr__(self, "knobs", tuple(sorted(dict(self.knobs).items())))
+        object.__setattr__(self, "knobs", _canonical_knobs(self.mechanism, self.knobs))
 
     @property
     def knob_dict(self) -> dict[str, Any]:

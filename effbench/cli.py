@@ -75,14 +75,14 @@ def select_mechanisms(text: str) -> list[str]:
 def check_device(device: str) -> str:
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
+    from .runner import resolve_device
+
+    if device in ("auto", "cpu"):
+        return resolve_device(device)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
-        return device
+        return resolve_device(device)
     raise UsageError(f"--device {device!r}: choose auto, cpu or cuda[:index]")
 
 

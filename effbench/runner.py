@@ -75,9 +75,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda:<current>`` or ``cpu``; bare ``cuda`` -> ``cuda:<current>``, so one GPU has one name
+    (and one case key) however it was asked for."""
     import torch
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     return device
 
 

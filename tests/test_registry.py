@@ -125,3 +125,22 @@ def test_causal_only_mechanism_runs_causal_in_a_bidirectional_sweep():
     # a causal sweep keeps linformer causal, and the mechanism says why it cannot run
     (lin,) = expand(["linformer"], [256], causal=True)
     assert lin.causal and "not causal" in mechanisms.get("linformer").unsupported(lin)[0]
+
+
+def test_a_knob_given_at_its_default_is_the_same_case():
+    """--window 256 (local's default) and no --window: one case, one key, so --resume never runs it twice."""
+    explicit = expand(["local"], [512], axes={"window": [256, 128]})
+    implicit = expand(["local"], [512])
+    assert explicit[0].key == implicit[0].key and explicit[0].knobs == ()
+    assert explicit[1].knobs == (("window", 128),) and explicit[1].key != implicit[0].key
+    # the key of a default case is the one already in results/reference.csv (files written before keep resuming)
+    assert implicit[0].key == "fff16a6e6df4e4df"
+
+
+def test_bare_cuda_device_gets_its_index(monkeypatch):
+    from effbench.runner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert resolve_device("cuda") == resolve_device("auto") == "cuda:2"
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
