@@ -11,13 +11,7 @@ from tests.helpers import assert_linear, assert_matches_reference, growth
 B, H, D, N = 2, 3, 8, 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops: one intra-op thread is faster and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str, dtype=torch.float32, n: int = N, **knobs):

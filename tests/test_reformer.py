@@ -14,13 +14,7 @@ SPEC = mechanisms.get("reformer")
 B, H, D = 2, 3, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops: one intra-op thread is faster and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(n: int, causal: bool, dtype=torch.float32, seed: int = 1, **knobs):
