@@ -40,6 +40,7 @@ CASES = [  # (mechanism, causal, knobs, block elements or None for the default)
     ("performer", True, {"features": 96}, None),
     ("performer", True, {"features": 96, "chunk": 50}, SMALL_BLOCKS),
     ("linformer", False, {"rank": 50}, None),
+    ("linformer", False, {"rank": 13}, SMALL_BLOCKS),
 ]
 IDS = [f"{name}-{'causal' if causal else 'bidir'}-{','.join(f'{k}={v}' for k, v in kn.items()) or 'default'}"
        f"{'-small-blocks' if blocks else ''}" for name, causal, kn, blocks in CASES]
