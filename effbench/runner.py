@@ -19,6 +19,7 @@ waits, with a timeout, and classifies:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -133,11 +134,10 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
         report({"status": "skipped", "error": "; ".join(reasons)})
         return
     on_cuda = case.device.startswith("cuda")
-    if on_cuda:
+    if on_cuda and torch.device(case.device).index is not None:
         # CUDA events record on the current device's stream and empty_cache acts on the current device:
         # make the case's device current (this child runs nothing else).
-        if torch.device(case.device).index is not None:
-            torch.cuda.set_device(torch.device(case.device))
+        torch.cuda.set_device(torch.device(case.device))
     fake_flops = None
     readings: list[str] = []
 
@@ -197,10 +197,8 @@ def _measure(case: Case, opts: RunOptions, report) -> None:
                 reading, _ = cuda_pass(w.call, dev, sampler=sampler)  # the sampler starts after empty_cache
             finally:
                 if nvml is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         nvml.nvmlShutdown()
-                    except Exception:
-                        pass
             # an NVML failure mid-pass leaves a partial reading: it is not reported as a peak
             nvml_ok = sampler is not None and sampler.peak_bytes is not None and sampler.error is None
             report({"peak_alloc_bytes": reading.peak_alloc_bytes, "peak_reserved_bytes": reading.peak_reserved_bytes,

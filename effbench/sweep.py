@@ -38,6 +38,12 @@ class SweepReport:
     run_id: str = ""
 
 
+def _extend_frontier(frontier: dict[tuple, tuple[int, str]], case: Case, status: str | None) -> None:
+    """Remember the first (smallest) N of a configuration that ran out of memory; larger N are not run."""
+    if status in ("oom", "killed"):
+        frontier.setdefault(case.config, (case.n, status))
+
+
 def run_sweep(cases: Iterable[Case], opts: RunOptions, out: str | Path, *, resume: bool = False,
               run_info: dict[str, Any] | None = None,
               on_start: Callable[[Case], None] | None = None,
@@ -55,8 +61,7 @@ def run_sweep(cases: Iterable[Case], opts: RunOptions, out: str | Path, *, resum
     for case in cases:
         if case.key in done:
             report.resumed += 1
-            if done[case.key] in ("oom", "killed") and case.config not in frontier:  # the frontier survives resume
-                frontier[case.config] = (case.n, done[case.key])
+            _extend_frontier(frontier, case, done[case.key])  # the frontier survives resume
             continue
         if on_start:
             on_start(case)
@@ -66,8 +71,7 @@ def run_sweep(cases: Iterable[Case], opts: RunOptions, out: str | Path, *, resum
                       "error": f"not run: {blocked[1]} at n={blocked[0]} (OOM frontier)"}
         else:
             result = runner(case, opts)
-        if result.get("status") in ("oom", "killed") and case.config not in frontier:
-            frontier[case.config] = (case.n, result["status"])
+        _extend_frontier(frontier, case, result.get("status"))
         row = case_row(case)
         row.update({k: v for k, v in result.items() if k in writer.columns})
         row["run_id"] = report.run_id

@@ -204,14 +204,11 @@ class NvmlSampler:
     _thread: threading.Thread | None = None
 
     def _device(self) -> Any:
+        if self._handle is None and self.uuid is not None:
+            with contextlib.suppress(Exception):  # a driver that does not know the UUID: fall back to the index
+                self._handle = self.nvml.nvmlDeviceGetHandleByUUID(self.uuid)
         if self._handle is None:
-            if self.uuid is not None:
-                try:
-                    self._handle = self.nvml.nvmlDeviceGetHandleByUUID(self.uuid)
-                except Exception:  # a driver that does not know the UUID: fall back to the index
-                    self._handle = self.nvml.nvmlDeviceGetHandleByIndex(self.index)
-            else:
-                self._handle = self.nvml.nvmlDeviceGetHandleByIndex(self.index)
+            self._handle = self.nvml.nvmlDeviceGetHandleByIndex(self.index)
         return self._handle
 
     def _read(self) -> tuple[int, int | None]:

@@ -43,6 +43,12 @@ def _from_measurement(m: Measurement, timer: str) -> Timing:
     return Timing(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, repeats=len(samples), samples_ms=samples, timer=timer)
 
 
+def _from_samples(times_s: list[float], label: str, timer: str) -> Timing:
+    """One call per sample (seconds) -> Timing, the statistics from torch.utils.benchmark's Measurement."""
+    m = Measurement(number_per_run=1, raw_times=times_s, task_spec=TaskSpec(stmt="fn()", setup="", label=label))
+    return _from_measurement(m, timer)
+
+
 def time_cpu(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_time: float | None = None,
              label: str = "attention") -> Timing:
     """Median/IQR of ``fn`` on the CPU: exactly ``warmup`` + ``repeats`` calls (or blocked_autorange for ``min_time``)."""
@@ -57,8 +63,7 @@ def time_cpu(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_ti
         start = time.perf_counter()
         fn()
         times_s.append(max(time.perf_counter() - start, 1e-9))
-    m = Measurement(number_per_run=1, raw_times=times_s, task_spec=TaskSpec(stmt="fn()", setup="", label=label))
-    return _from_measurement(m, "perf_counter")
+    return _from_samples(times_s, label, "perf_counter")
 
 
 def time_cuda(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_time: float | None = None,
@@ -80,5 +85,4 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_t
         elapsed = max(start.elapsed_time(end) / 1e3, 1e-9)  # ms -> s; > 0, as torch's Timer (median 0 divides by 0)
         times_s.append(elapsed)
         spent += elapsed
-    m = Measurement(number_per_run=1, raw_times=times_s, task_spec=TaskSpec(stmt="fn()", setup="", label=label))
-    return _from_measurement(m, "cuda-events")
+    return _from_samples(times_s, label, "cuda-events")
