@@ -86,6 +86,11 @@ def check_device(device: str) -> str:
     raise UsageError(f"--device {device!r}: choose auto, cpu or cuda[:index]")
 
 
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+
+
 def check_choice(value: str, choices, what: str) -> str:
     if value not in choices:
         raise UsageError(f"{what} {value!r} is not one of: {', '.join(choices)}")
@@ -160,15 +165,15 @@ def sweep(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
     mode: ModeOpt = "fwd",
     causal: CausalOpt = False,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls before timing.")] = 1,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed calls (median and IQR over them).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed calls (median and IQR over them).")] = 5,
     min_time: Annotated[Optional[float], typer.Option("--min-time", help="Instead of --repeats: time for at least this many seconds.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per case before its child process is killed.")] = 300.0,
     mem_budget: Annotated[Optional[str], typer.Option("--mem-budget", help="Skip cases predicted above this (e.g. 20GiB; 'none' to disable). Default: 80% of free RAM / 90% of free GPU memory.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Results CSV (appended to).")] = Path("results.csv"),
     resume: Annotated[bool, typer.Option(help="Skip cases already in --out (by case key).")] = False,
     seed: SeedOpt = 0,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads in each case (default: torch's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads in each case (default: torch's).")] = None,
     window: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="window"))] = None,
     dilation: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="dilation"))] = None,
     globals_: Annotated[Optional[str], typer.Option("--globals", help=AXIS_HELP.format(axis="globals"))] = None,
@@ -193,6 +198,11 @@ def sweep(
             raise UsageError(f"--timeout must be positive, got {timeout}")
         if min_time is not None and min_time <= 0:
             raise UsageError(f"--min-time must be positive, got {min_time}")
+        check_threads(threads)
+        if warmup < 0:
+            raise UsageError(f"--warmup must be 0 or more, got {warmup}")
+        if repeats < 1:
+            raise UsageError(f"--repeats must be at least 1, got {repeats}")
         dev = check_device(device)
         axes = {"window": window, "dilation": dilation, "globals": globals_, "block": block, "rounds": rounds,
                 "bucket": bucket, "features": features, "rank": rank, "segment": segment, "memory": memory,
@@ -348,7 +358,7 @@ def verify(
     seed: SeedOpt = 0,
     tolerance: Annotated[Optional[float], typer.Option(help="Max abs error allowed against the float64 reference (default 1e-5 for float32, looser for fp16/bf16).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV of every check (read by `effbench plot --verify`).")] = Path("verify.csv"),
-    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
     plugin: PluginOpt = None,
 ) -> None:
     """Check every mechanism against its own O(N²) reference and against dense attention; exit 1 on any failure."""
@@ -363,6 +373,7 @@ def verify(
         dev = check_device(device)
         if n is not None and n < 2:
             raise UsageError(f"--n must be at least 2, got {n}")
+        check_threads(threads)
         if threads:
             torch.set_num_threads(threads)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -51,8 +51,10 @@ def test_list_with_plugin():
     (["estimate", "--mech", "dense", "--timeout", "-1"], ["--timeout must be positive"]),
     (["sweep", "--mech", "dense", "--timeout", "0"], ["--timeout must be positive"]),
     (["sweep", "--mech", "dense", "--min-time", "-1"], ["--min-time must be positive"]),
-    (["sweep", "--mech", "dense", "--threads", "0"], ["--threads"]),
-    (["verify", "--mech", "dense", "--threads", "-1"], ["--threads"]),
+    (["sweep", "--mech", "dense", "--threads", "0"], ["--threads must be at least 1, got 0"]),
+    (["verify", "--mech", "dense", "--threads", "-1"], ["--threads must be at least 1, got -1"]),
+    (["sweep", "--mech", "dense", "--repeats", "0"], ["--repeats must be at least 1, got 0"]),
+    (["sweep", "--mech", "dense", "--warmup", "-1"], ["--warmup must be 0 or more, got -1"]),
 ])
 def test_bad_input_one_line_exit_2(args, needles):
     _fails(args, *needles)
