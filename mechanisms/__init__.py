@@ -9,7 +9,8 @@ Importing this package registers every built-in mechanism::
 """
 
 from .base import (
-    AXES, FAMILIES, REGISTRY, Knob, MechanismSpec, RegistryError, get, register,
+    FAMILIES, REGISTRY, Fidelity, Knob, MechanismSpec, RegistryError, Trend, axis_knobs, decreasing,
+    equals_dense_at, get, ratio_per_4x, register, resolve_length,
     causal_mask, mask_from_mod, masked_softmax_attention, positions,
 )
 
@@ -20,6 +21,7 @@ from . import linear, performer, linformer  # noqa: E402,F401  kernel and low-ra
 from . import reformer, transformer_xl, compressive, axial, learned_pe  # noqa: E402,F401  hashing, recurrence, positions
 
 __all__ = [
-    "AXES", "FAMILIES", "REGISTRY", "Knob", "MechanismSpec", "RegistryError", "get", "register",
+    "FAMILIES", "REGISTRY", "Fidelity", "Knob", "MechanismSpec", "RegistryError", "Trend", "axis_knobs",
+    "decreasing", "equals_dense_at", "get", "ratio_per_4x", "register", "resolve_length",
     "causal_mask", "mask_from_mod", "masked_softmax_attention", "positions",
 ]

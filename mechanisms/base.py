@@ -9,9 +9,28 @@ A mechanism is a ``torch.nn.Module`` registered with :func:`register`::
         def forward(self, q, k, v): ...      # (B, H, N, D) -> (B, H, N, D)
         def reference(self, q, k, v): ...    # same mathematics, the obvious O(N^2) way
 
-Optional hooks a mechanism class may define:
+Optional declarations a mechanism class may make (class attributes; every one has a default, so
+a plugin written with none of them works unchanged). The harness reads these and never a
+mechanism's name:
 
-- ``supports_causal`` / ``supports_bidirectional`` (class attributes, default True);
+- ``supports_causal`` / ``supports_bidirectional`` (default True), with ``causal_reason`` /
+  ``bidirectional_reason`` saying why one is refused;
+- ``inputs``: ``"qkv"`` (default: ``forward(q, k, v)``, each (B, H, N, D)) or ``"x"``
+  (``forward(x)``, x (B, N, H·D): a position encoding);
+- ``comparable``: what its rows are compared with: ``"attention"`` (default: figures, crossovers
+  and highlights against dense attention) or ``"position"`` (position encodings: their own
+  figure and table, never an attention crossover);
+- ``causal_applies`` (default True): False for a mechanism with no notion of causality (a
+  position encoding), checked once instead of once per causal mode;
+- ``fidelity``: a tuple of :class:`Fidelity` sweeps (knob, values, the :class:`Trend` s theory
+  promises), or None for no fidelity layer (then ``no_fidelity_reason``); by default one
+  informational sweep per knob that declares ``sweep`` values (or whose axis another knob does);
+- ``exact_at``: knobs at which ``reference()`` is the exact attention the mechanism approximates
+  (the fidelity target; default: plain softmax attention), with ``exact_label`` naming it;
+- ``linear_at``: knobs at which the linear cost holds (Reformer: a fixed bucket count); ``linear_memory``
+  / ``linear_flops`` override what is read off the ``memory`` and ``complexity`` strings (no "N²");
+- ``data_dependent`` (default False): True when peak memory depends on the input values, so a
+  fake-tensor prediction cannot equal the measured peak;
 - ``check(*, n, causal, heads, head_dim, device, dtype, **knobs) -> list[str]``
   (a classmethod or staticmethod): reasons a case cannot run, empty if it can;
   it also receives ``mode`` ("fwd" | "fwd+bwd") when its signature accepts it;
@@ -26,6 +45,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -34,11 +54,7 @@ from torch import nn
 
 FAMILIES = ("exact", "sparse", "kernel", "low-rank", "hashing", "recurrent", "position")
 
-# Sweep axes a knob may be fed from (CLI flag ``--<axis>``).
-AXES = (
-    "window", "dilation", "globals", "block", "rounds", "bucket", "features",
-    "rank", "segment", "memory", "compress",
-)
+_AXIS_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 REGISTRY: dict[str, "MechanismSpec"] = {}
 
@@ -51,8 +67,15 @@ class RegistryError(ValueError):
 class Knob:
     """One tunable of a mechanism.
 
-    ``axis`` names the sweep axis (``--window``, ``--rounds``, ...) that feeds it;
-    ``None`` means it is set with ``--knob name=value`` only.
+    ``axis`` names the sweep axis (``--window``, ``--rounds``, ...) that feeds it; ``None`` means it
+    is set with ``--knob name=value`` only. The axis is declared here and nowhere else: the CLI's
+    ``--<axis>`` options, verify's awkward values and the contract tests derive from the knobs.
+
+    ``small``: the small, awkward value ``effbench verify`` and the contract suite use (default: the
+    one another knob on the same axis declares, else ``default``); ``length``: the knob is a length
+    in positions (verify keeps it ≤ N/4 and moves it off divisors of N, so no window, block, bucket
+    or segment tiles N); ``sweep``: values of an informational fidelity sweep when the mechanism
+    declares none (strings ``"N"``, ``"N-1"``, ``"N/4"`` resolve at the verify length).
     """
 
     name: str
@@ -63,10 +86,15 @@ class Knob:
     maximum: float | None = None
     choices: tuple | None = None
     help: str = ""
+    small: Any = None
+    length: bool | None = None
+    sweep: tuple = ()
 
     def __post_init__(self):
-        if self.axis is not None and self.axis not in AXES:
-            raise RegistryError(f"knob {self.name!r}: unknown sweep axis {self.axis!r}; choose from {', '.join(AXES)}")
+        if self.axis is not None and not _AXIS_NAME.fullmatch(self.axis):
+            raise RegistryError(f"knob {self.name!r}: sweep axis {self.axis!r} must be a lower-case name "
+                                "(letters, digits, _), e.g. 'window'")
+        object.__setattr__(self, "sweep", tuple(self.sweep))
         if self.default is not None:
             object.__setattr__(self, "default", self.parse(self.default))
 
@@ -101,10 +129,153 @@ class Knob:
         return f"{self.name}={self.default}{flag}"
 
 
+TREND_KINDS = ("decreasing", "ratio_per_4x", "equals_dense_at")
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A promise theory makes about a fidelity sweep, checked by ``effbench verify`` and the contract suite.
+
+    - ``decreasing``: the error falls (within 5% per step) along the sweep, last below first;
+    - ``ratio_per_4x``: error × (``low``..``high``) per ×4 of the knob (log-log least-squares fit);
+    - ``equals_dense_at``: at knob = ``at`` every key is visible, so the output equals dense attention.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    at: Any = None
+
+    def __post_init__(self):
+        if self.kind not in TREND_KINDS:
+            raise RegistryError(f"unknown trend {self.kind!r}; choose from {', '.join(TREND_KINDS)}")
+
+    @classmethod
+    def of(cls, value: Any) -> "Trend":
+        """A Trend from itself or the older tuple forms ``"decreasing"``, ``("ratio_per_4x", lo, hi)``,
+        ``("equals_dense_at", value)``."""
+        if isinstance(value, Trend):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        kind, *args = value
+        if kind == "ratio_per_4x":
+            return cls(kind, low=float(args[0]), high=float(args[1]))
+        if kind == "equals_dense_at":
+            return cls(kind, at=args[0])
+        return cls(kind)
+
+    def describe(self) -> str:
+        if self.kind == "ratio_per_4x":
+            return f"error ×{self.low}–{self.high} per ×4"
+        if self.kind == "equals_dense_at":
+            return f"equals dense at {self.at}"
+        return "error decreasing"
+
+
+def decreasing() -> Trend:
+    return Trend("decreasing")
+
+
+def ratio_per_4x(low: float, high: float) -> Trend:
+    return Trend("ratio_per_4x", low=low, high=high)
+
+
+def equals_dense_at(value: Any) -> Trend:
+    return Trend("equals_dense_at", at=value)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """One fidelity sweep: the error against exact attention over ``values`` of ``knob``, and what it promises."""
+
+    knob: str
+    values: tuple
+    expect: tuple = ()
+    why: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "values", tuple(self.values))
+        object.__setattr__(self, "expect", tuple(Trend.of(e) for e in self.expect))
+
+    @classmethod
+    def of(cls, value: Any) -> "Fidelity":
+        """A Fidelity from itself or the older ``verify_sweep`` tuple (knob, values, expectations)."""
+        if isinstance(value, Fidelity):
+            return value
+        knob, values, *rest = value
+        return cls(knob, tuple(values), tuple(rest[0]) if rest else ())
+
+
+def resolve_length(value: Any, n: int) -> Any:
+    """``"N"`` -> n, ``"N-1"`` -> n - 1, ``"N/4"`` -> n // 4 (at least 1); anything else unchanged."""
+    if isinstance(value, str):
+        s = value.replace(" ", "").upper()
+        if s == "N":
+            return n
+        if s.startswith("N-") and s[2:].isdigit():
+            return n - int(s[2:])
+        if s.startswith("N/") and s[2:].isdigit():
+            return max(1, n // int(s[2:]))
+    return value
+
+
+def axis_knobs(registry: Mapping[str, "MechanismSpec"] | None = None) -> dict[str, list[Knob]]:
+    """Every sweep axis in the registry -> the knobs that declare it (in registration order)."""
+    out: dict[str, list[Knob]] = {}
+    for spec in (REGISTRY if registry is None else registry).values():
+        for k in spec.knobs:
+            if k.axis is not None:
+                out.setdefault(k.axis, []).append(k)
+    return out
+
+
+def axis_help(axis: str) -> str:
+    """Help for the ``--<axis>`` option: the knobs it feeds."""
+    knobs = axis_knobs().get(axis, [])
+    helps = sorted({k.help for k in knobs if k.help})
+    return "; ".join(helps) if helps else axis
+
+
+def _axis_attr(knob: Knob, attr: str, empty: Any) -> Any:
+    """``knob.<attr>`` if declared, else the first declaration of another knob on the same axis."""
+    own = getattr(knob, attr)
+    if own != empty or knob.axis is None:
+        return own
+    for other in axis_knobs().get(knob.axis, []):
+        value = getattr(other, attr)
+        if value != empty:
+            return value
+    return own
+
+
+def small_value_of(knob: Knob) -> Any:
+    """The knob's declared awkward value (or its axis'), None when neither declares one."""
+    return _axis_attr(knob, "small", None)
+
+
+def is_length(knob: Knob) -> bool:
+    return bool(_axis_attr(knob, "length", None))
+
+
+def sweep_values_of(knob: Knob) -> tuple:
+    return tuple(_axis_attr(knob, "sweep", ()))
+
+
 def _case_get(case: Any, name: str, default: Any = None) -> Any:
     if isinstance(case, Mapping):
         return case.get(name, default)
     return getattr(case, name, default)
+
+
+def _declared(cls: type) -> set[str]:
+    """Attribute names set on ``cls`` or a base class below ``nn.Module``."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        names |= set(vars(klass))
+    return names
 
 
 @dataclass
@@ -126,6 +297,83 @@ class MechanismSpec:
     @property
     def supports_bidirectional(self) -> bool:
         return bool(getattr(self.cls, "supports_bidirectional", True))
+
+    # -- declarations (class attributes with defaults; see the module docstring) --------------
+    @property
+    def inputs(self) -> str:
+        """``"qkv"``: forward(q, k, v); ``"x"``: forward(x) with x (B, N, H·D)."""
+        return str(getattr(self.cls, "inputs", "qkv"))
+
+    @property
+    def comparable(self) -> str:
+        """``"attention"``: compared with dense attention; ``"position"``: a position encoding."""
+        return str(getattr(self.cls, "comparable", "attention"))
+
+    @property
+    def causal_modes(self) -> list[bool]:
+        """The causal settings to check: both (each subject to ``unsupported``), or one where causality
+        does not apply (a position encoding)."""
+        if getattr(self.cls, "causal_applies", True):
+            return [False, True]
+        return [False] if self.supports_bidirectional else [True]
+
+    @property
+    def fidelity(self) -> tuple[Fidelity, ...] | None:
+        """Declared fidelity sweeps (``fidelity``, or the older ``verify_sweep``); None: no fidelity layer.
+        Undeclared: one informational sweep per int knob with ``sweep`` values (its own or its axis')."""
+        cls = self.cls
+        if "fidelity" in _declared(cls):
+            declared = getattr(cls, "fidelity")
+            return None if declared is None else tuple(Fidelity.of(f) for f in declared)
+        legacy = getattr(cls, "verify_sweep", None)
+        if legacy is not None:
+            return (Fidelity.of(legacy),)
+        return tuple(Fidelity(k.name, sweep_values_of(k)) for k in self.knobs
+                     if k.type is int and sweep_values_of(k))
+
+    @property
+    def no_fidelity_reason(self) -> str:
+        return str(getattr(self.cls, "no_fidelity_reason", "") or "it declares no fidelity layer")
+
+    @property
+    def exact_at(self) -> dict[str, Any] | None:
+        """Knobs at which ``reference()`` is the exact attention approximated (None: plain softmax attention)."""
+        declared = getattr(self.cls, "exact_at", None)
+        if declared is None:
+            declared = getattr(self.cls, "verify_target_knobs", None)
+        return None if declared is None else dict(declared)
+
+    @property
+    def exact_label(self) -> str:
+        label = getattr(self.cls, "exact_label", "")
+        if label:
+            return str(label)
+        at = self.exact_at
+        if at is None:
+            return "dense softmax"
+        return f"{self.name} reference at " + ", ".join(f"{k}={v}" for k, v in at.items())
+
+    @property
+    def linear_at(self) -> dict[str, Any]:
+        """Knobs at which the declared linear cost holds (default: its defaults); e.g. Reformer's fixed
+        bucket count, since its default n_b ≈ 2N/c makes hashing FLOPs quadratic."""
+        return dict(getattr(self.cls, "linear_at", None) or {})
+
+    @property
+    def linear_memory(self) -> bool:
+        """Peak memory grows linearly in N (declared ``linear_memory``, else: ``memory`` has no N²)."""
+        declared = getattr(self.cls, "linear_memory", None)
+        return bool(declared) if declared is not None else "N²" not in (self.memory_complexity or self.complexity)
+
+    @property
+    def linear_flops(self) -> bool:
+        """Work grows linearly in N (declared ``linear_flops``, else: ``complexity`` has no N²)."""
+        declared = getattr(self.cls, "linear_flops", None)
+        return bool(declared) if declared is not None else "N²" not in self.complexity
+
+    @property
+    def data_dependent(self) -> bool:
+        return bool(getattr(self.cls, "data_dependent", False))
 
     @property
     def knob_names(self) -> tuple[str, ...]:
@@ -191,9 +439,9 @@ class MechanismSpec:
 
     def make_inputs(self, *, batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype,
                     device: str | torch.device = "cpu", seed: int = 0, requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
-        """Inputs for ``forward``: (q, k, v) of shape (B, H, N, D), or (x,) of shape (B, N, H·D) for "position"."""
+        """Inputs for ``forward``: (q, k, v) of shape (B, H, N, D), or (x,) of shape (B, N, H·D) when ``inputs == "x"``."""
         gen = torch.Generator(device="cpu").manual_seed(seed + 1_000_003)
-        if self.family == "position":
+        if self.inputs == "x":
             shapes = [(batch, n, heads * head_dim)]
         else:
             shapes = [(batch, heads, n, head_dim)] * 3

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ._banded import (
     Band, Gathered, PatternAttention, Shared, additive_bias, band_matmul, count_tiles, flex_reasons, neg_for,
 )
-from .base import Knob, register
+from .base import Fidelity, Knob, decreasing, register
 
 
 def random_blocks(nb: int, r: int, causal: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +64,8 @@ def bigbird_pattern(n: int, block: int, causal: bool, table: torch.Tensor):
 @register(
     name="bigbird", family="sparse", complexity="O(N·b·(5+r)·D)", memory="O(N·D) inference, O(N·b·(5+r)) with grad",
     knobs=[
-        Knob("block", default=64, axis="block", minimum=1, help="block size b"),
+        Knob("block", default=64, axis="block", minimum=1, small=16, length=True, sweep=(8, 16, 32, 64),
+             help="block size b"),
         Knob("random_blocks", default=3, minimum=0, help="random key blocks r per middle query block"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: blocked matmuls with gathered random blocks; flex: compiled FlexAttention"),
@@ -94,6 +95,8 @@ class BigBirdAttention(PatternAttention):
     flex: ``flex_attention`` with the same mask, tiles of b×b (when b is a multiple of 16;
     128×128 otherwise), so the tile structure is the block structure.
     """
+
+    fidelity = (Fidelity("block", (8, 16, 32, 64), (decreasing(),), why="(5 + r)·b keys per query: more with b"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, block: int,
                  random_blocks: int, impl: str = "eager"):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from ._segments import SegmentRecurrence, dense_mixed, windows
-from .base import Knob, register
+from .base import Fidelity, Knob, register
 
 
 @register(name="compressive", family="recurrent", complexity="O(N·(L+M+Mc)·D)", memory="O(N·(L+M+Mc))",
-          knobs=[Knob("segment", default=128, axis="segment", minimum=1, help="segment length L"),
-                 Knob("memory", default=128, axis="memory", minimum=0, help="cached positions M"),
-                 Knob("compress", default=4, axis="compress", minimum=1, help="compression rate c"),
+          knobs=[Knob("segment", default=128, axis="segment", minimum=1, small=50, length=True,
+                      sweep=(16, 64, 256), help="segment length L"),
+                 Knob("memory", default=128, axis="memory", minimum=0, small=40, length=True,
+                      sweep=(0, 16, 64, "N"), help="cached positions M"),
+                 Knob("compress", default=4, axis="compress", minimum=1, small=3, sweep=(1, 2, 4),
+                      help="compression rate c"),
                  Knob("compressed", default=64, minimum=0, help="compressed memory slots Mc")])
 class CompressiveAttention(SegmentRecurrence):
     """Compressive Transformer: Transformer-XL plus a compressed memory of mean-pooled older positions.
@@ -29,6 +32,9 @@ class CompressiveAttention(SegmentRecurrence):
     Scores q·k/√D; always causal. Cost 4·B·H·N·(L+M+Mc)·D FLOPs plus B·H·N·Mc·c·D/L
     for pooling; memory O(B·H·N·(L+M+Mc)).
     """
+
+    fidelity = (Fidelity("compress", (1, 2, 4, 8), (),
+                         why="mean pooling: longer reach, blurrier keys; no promise"),)
 
     supports_causal = True
     supports_bidirectional = False

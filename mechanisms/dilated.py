@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ._banded import (
     Band, PatternAttention, band_sdpa, count_tiles, flex_reasons, pick_chunk, tile_span_candidates,
 )
-from .base import Knob, register
+from .base import Fidelity, Knob, decreasing, register
 from .local import local_offsets
 
 
@@ -20,8 +20,10 @@ def dilated_pattern(window: int, dilation: int, causal: bool):
 @register(
     name="dilated", family="sparse", complexity="O(N·W·D)", memory="O(N·D)",
     knobs=[
-        Knob("window", default=256, axis="window", minimum=1, help="one-sided window w, in dilated steps"),
-        Knob("dilation", default=2, axis="dilation", minimum=1, help="stride δ between visible keys"),
+        Knob("window", default=256, axis="window", minimum=1, small=37, length=True, sweep=(8, 32, 128, "N-1"), 
+             help="one-sided window w, in dilated steps"),
+        Knob("dilation", default=2, axis="dilation", minimum=1, small=3, sweep=(1, 2, 4),
+             help="stride δ between visible keys"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: δ interleaved sub-sequences through banded SDPA; flex: compiled FlexAttention"),
     ],
@@ -43,6 +45,9 @@ class DilatedAttention(PatternAttention):
     tile is skipped only if it holds no visible pair, so FlexAttention computes about
     4·B·H·N·(2δw + 256)·D FLOPs — δ times the eager work.
     """
+
+    fidelity = (Fidelity("window", (8, 32, 128), (decreasing(),),
+                         why="dilated keys never cover every key unless δ = 1: no equality with dense"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, window: int,
                  dilation: int, impl: str = "eager"):

@@ -16,6 +16,12 @@ class LearnedPositionalEncoding(nn.Module):
     generator seeded by ``seed``. Cost: B·N·D additions.
     """
 
+    inputs = "x"  # forward(x), x (B, N, H·D)
+    comparable = "position"  # its own figure and table, never an attention crossover
+    causal_applies = False
+    fidelity = None
+    no_fidelity_reason = "a position encoding is not attention; only its output and gradients against reference()"
+
     STD = 0.02
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int):

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Knob, masked_softmax_attention, register
+from .base import Fidelity, Knob, masked_softmax_attention, register
 
 
 @register(name="linformer", family="low-rank", complexity="O(N·k·D)", memory="O(N·D + k·N)",
-          knobs=[Knob("rank", default=256, axis="rank", minimum=1, help="k, the projected sequence length")])
+          knobs=[Knob("rank", default=256, axis="rank", minimum=1, small=48, sweep=(16, 64, 256),
+                      help="k, the projected sequence length")])
 class LinformerAttention(nn.Module):
     """Linformer: softmax(Q (E K)ᵀ/√D) (F V) with learned E, F ∈ ℝ^{k×N}; k = `rank`.
 
@@ -27,6 +28,8 @@ class LinformerAttention(nn.Module):
     them without materialising the N×k scores). Memory O(B·H·(N·D + k·D)) beyond the
     2·k·N parameters; no N×N tensor is ever formed.
     """
+
+    fidelity = (Fidelity("rank", (16, 64, 256), (), why="a learned projection: never equal to dense, no promise"),)
 
     supports_causal = False
     causal_reason = ("the projection E K mixes every position of the sequence, so each projected key "

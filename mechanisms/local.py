@@ -7,7 +7,7 @@ import torch
 from ._banded import (
     Band, PatternAttention, band_sdpa, count_tiles, flex_reasons, pick_chunk, tile_span_candidates,
 )
-from .base import Knob, register
+from .base import Fidelity, Knob, decreasing, equals_dense_at, register
 
 
 def local_offsets(window: int, causal: bool):
@@ -20,7 +20,7 @@ def local_offsets(window: int, causal: bool):
 @register(
     name="local", family="sparse", complexity="O(N·W·D)", memory="O(N·D)",
     knobs=[
-        Knob("window", default=256, axis="window", minimum=1, help="one-sided window w"),
+        Knob("window", default=256, axis="window", minimum=1, small=37, length=True, sweep=(8, 32, 128, "N-1"), help="one-sided window w"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: banded chunks through fused SDPA; flex: compiled FlexAttention"),
     ],
@@ -43,6 +43,10 @@ class LocalAttention(PatternAttention):
     on its first call) with a BlockMask of 128×128 tiles on the band; about
     4·B·H·N·(2w + 2·128)·D FLOPs (partial tiles computed in full). CPU: forward only.
     """
+
+    # Declarations the harness reads (effbench verify, the contract suite):
+    fidelity = (Fidelity("window", (8, 32, 128, "N-1"), (decreasing(), equals_dense_at("N-1")),
+                         why="a wider window sees more keys; w ≥ N − 1 sees them all"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, window: int,
                  impl: str = "eager"):

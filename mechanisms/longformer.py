@@ -9,7 +9,7 @@ from ._banded import (
     Band, PatternAttention, Shared, band_matmul, band_sdpa, count_tiles, flex_reasons, neg_for, pick_chunk,
     tile_span_candidates,
 )
-from .base import Knob, register
+from .base import Fidelity, Knob, decreasing, equals_dense_at, register
 from .local import local_offsets
 
 
@@ -23,8 +23,9 @@ def longformer_pattern(window: int, globals_: int, causal: bool):
 @register(
     name="longformer", family="sparse", complexity="O(N·(W+G)·D)", memory="O(N·D) inference, O(N·(W+G)) with grad",
     knobs=[
-        Knob("window", default=256, axis="window", minimum=1, help="one-sided window w"),
-        Knob("globals", default=16, axis="globals", minimum=0, help="the first g positions are global"),
+        Knob("window", default=256, axis="window", minimum=1, small=37, length=True, sweep=(8, 32, 128, "N-1"), help="one-sided window w"),
+        Knob("globals", default=16, axis="globals", minimum=0, small=5, sweep=(0, 4, 16),
+             help="the first g positions are global"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: banded chunks + global rows/columns; flex: compiled FlexAttention"),
     ],
@@ -48,6 +49,9 @@ class LongformerAttention(PatternAttention):
     flex: ``flex_attention`` with the same mask on 128×128 tiles (the first tile row and column
     are dense: linear in N for fixed g).
     """
+
+    fidelity = (Fidelity("window", (8, 32, 128, "N-1"), (decreasing(), equals_dense_at("N-1")),
+                         why="a wider window sees more keys; w ≥ N − 1 sees them all"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, window: int,
                  globals: int, impl: str = "eager"):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._prefix import block_rows, causal_attention, kernel_flops, ones_column, read_state, tracks_grad
-from .base import Knob, causal_mask, register
+from .base import Fidelity, Knob, causal_mask, ratio_per_4x, register
 
 FEATURE_EPS = 1e-4  # added to every feature after the exponential (performer-pytorch's default)
 LOG2E = 1.0 / math.log(2.0)
@@ -29,7 +29,8 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Ten
 
 
 @register(name="performer", family="kernel", complexity="O(N·m·D)", memory="O(N·D + m·D)",
-          knobs=[Knob("features", default=256, axis="features", minimum=1, help="m, the number of random features"),
+          knobs=[Knob("features", default=256, axis="features", minimum=1, small=48, sweep=(16, 64, 256, 1024),
+                      help="m, the number of random features"),
                  Knob("chunk", default=64, minimum=1,
                       help="causal only: positions per chunk (masked C×C block inside, carried m×D state across)"),
                  Knob("redraw", default=False, type=bool,
@@ -58,6 +59,9 @@ class PerformerAttention(nn.Module):
     Memory O(B·H·(N·D + m·D)), features made block by block; no N×N or N×m tensor for the
     whole sequence.
     """
+
+    fidelity = (Fidelity("features", (16, 64, 256, 1024), (ratio_per_4x(0.35, 0.65),),
+                         why="a Monte-Carlo estimate: error ∝ 1/√m, so ×4 features halve it"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, features: int = 256,
                  chunk: int = 64, redraw: bool = False):

@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Knob, register
+from .base import Fidelity, Knob, decreasing, register
 
 
 @register(
     name="reformer", family="hashing",
     complexity="O(N·R·(c + n_b)·D + N·R·log N)", memory="O(N·(c + D))",
     knobs=[
-        Knob("rounds", default=1, axis="rounds", minimum=1, help="hash rounds R"),
-        Knob("bucket", default=64, axis="bucket", minimum=1, help="chunk length c of the sorted sequence"),
+        Knob("rounds", default=1, axis="rounds", minimum=1, small=2, sweep=(1, 2, 4, 8), help="hash rounds R"),
+        Knob("bucket", default=64, axis="bucket", minimum=1, small=48, length=True, sweep=(16, 32, 64, 128),
+             help="chunk length c of the sorted sequence"),
         Knob("buckets", default=0, minimum=0,
              help="number of hash buckets n_b (even); 0 = 2·ceil(N/c) ≈ 2N/c, the paper's choice, whose "
                   "hashing costs N·D·n_b ≈ 2N²·D/c FLOPs; a fixed n_b keeps FLOPs linear in N"),
@@ -55,6 +56,11 @@ class ReformerAttention(nn.Module):
     whose chunk scores stay under SCORE_BUDGET elements, hashing in blocks of HASH_BLOCK
     projections; no N×N tensor and no duplicate-count tensor.
     """
+
+    fidelity = (Fidelity("rounds", (1, 2, 4, 8), (decreasing(),), why="more rounds, fewer neighbours lost to hashing"),)
+    exact_at = {"rounds": 1, "bucket": "N"}  # one chunk, one round: dense shared-QK attention
+    exact_label = "dense shared-QK"
+    linear_at = {"buckets": 64}  # the default n_b ≈ 2N/c makes hashing FLOPs quadratic
 
     supports_causal = True
     supports_bidirectional = True

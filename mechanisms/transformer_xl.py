@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from ._segments import SegmentRecurrence, dense_mixed, windows
-from .base import Knob, register
+from .base import Fidelity, Knob, decreasing, equals_dense_at, register
 
 
 @register(name="transformer-xl", family="recurrent", complexity="O(N·(L+M)·D)", memory="O(N·(L+M))",
-          knobs=[Knob("segment", default=128, axis="segment", minimum=1, help="segment length L"),
-                 Knob("memory", default=128, axis="memory", minimum=0, help="cached positions M")])
+          knobs=[Knob("segment", default=128, axis="segment", minimum=1, small=50, length=True,
+                      sweep=(16, 64, 256), help="segment length L"),
+                 Knob("memory", default=128, axis="memory", minimum=0, small=40, length=True,
+                      sweep=(0, 16, 64, "N"), help="cached positions M")])
 class TransformerXLAttention(SegmentRecurrence):
     """Transformer-XL segment recurrence: causal attention within a segment plus a detached memory.
 
@@ -26,6 +28,9 @@ class TransformerXLAttention(SegmentRecurrence):
     multiple of L: the last segment is padded with keys in every real query's future.
     Cost: 4·B·H·N·(L+M)·D FLOPs, memory O(B·H·N·(L+M)) for the scores.
     """
+
+    fidelity = (Fidelity("memory", (0, 16, 64, "N"), (decreasing(), equals_dense_at("N")),
+                         why="more memory reaches further back; M ≥ N is causal dense attention"),)
 
     supports_causal = True
     supports_bidirectional = False
