@@ -20,35 +20,20 @@ the edge chunks, where a small zero-padded copy is made. No N×N tensor ever exi
   gathered per chunk, e.g. BigBird random blocks) and takes one softmax over the union, so
   each key is counted once. Loops over groups of chunks to bound the live scores.
 
-FlexAttention (``impl=flex``)
------------------------------
-:class:`FlexKernel` compiles ``torch.nn.attention.flex_attention`` for one mask and one
-length at build time. Its ``BlockMask`` is built by :func:`build_block_mask` from the same
-``mask_mod`` evaluated only on candidate tiles (linear in N), instead of
-``create_block_mask``, which evaluates the full N×N mask (4.4 GiB of RSS at N=16,384 on
-the CPU). The tile-level candidate table is a boolean (nt, nt), nt = ⌈N/128⌉: quadratic, but
-in tiles (2 MiB at N=131,072; 64 MiB at N=10⁶), built once at build time, never per call. The compiled call is wrapped in a custom op (``effbench::flex_sparse_attention``)
-so that dispatch-mode instrumentation (the storage tracker, FlopCounterMode) sees one opaque
-op, the way it sees SDPA's fused kernel, instead of forcing dynamo back to the unfused
-eager path (which materialises N×N scores and fails under dispatch modes).
+FlexAttention (``impl=flex``) and :class:`PatternAttention`, the module plumbing that picks the
+eager kernels here or FlexAttention per mechanism, live in :mod:`._flex` (which imports this
+module; this one imports nothing from it).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
-import shutil
-import time
-import weakref
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-PatternFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (i, j) -> visible, broadcasting
 OffsetFn = Callable[[torch.Tensor], torch.Tensor]  # d = i - j -> visible inside the band
 
 SCORE_BUDGET = 1 << 22  # scores (elements) live at once per group in band_matmul: 16 MiB in fp32
@@ -263,316 +248,120 @@ def band_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band, b
     (a 4-D ``matmul`` would copy the overlapping spans). Cost per row: 4·D·(span + Ks + Kr)
     FLOPs; live scores bounded by ``budget`` elements per group.
     """
-    sb, _, d = q.shape
-    c, span, groups = band.c, band.span, band.groups
     ks = 0 if shared is None else shared.k.shape[1]
     kr = 0 if gathered is None else gathered.index.shape[1] * gathered.block
-    step = max(1, (budget or SCORE_BUDGET) // (c * (span + ks + kr)))
-    segs = []  # (g0, g1, kind, t0)
-    for t0, t1, kind in band.segments():
-        size = step if kind == "mid" else t1 - t0
-        segs += [(g0, min(t1, g0 + size), kind, t0) for g0 in range(t0, t1, size)]
+    step = max(1, (budget or SCORE_BUDGET) // (band.c * (band.span + ks + kr)))
+    groups = _chunk_groups(band, step)
     outs = []
-    for i in range(sb):
-        qi, ki, vi = q[i:i + 1], k[i:i + 1], v[i:i + 1]  # (1, L, D)
-        if shared is not None:
-            sk_t, sv = shared.k[i].transpose(0, 1), shared.v[i]  # (D, Ks), (Ks, D)
-        if gathered is not None:
-            nblk, blk = gathered.nblocks, gathered.block
-            kb = k[i, :nblk * blk].unflatten(0, (nblk, blk))  # (nblk, b, D)
-            vb = v[i, :nblk * blk].unflatten(0, (nblk, blk))
-        pieces = []
-        for g0, g1, kind, t0 in segs:
-            e = g1 - g0
-            qc = query_chunks(qi, band, g0, g1)[0] * scale  # (E, c, D)
-            kc = key_spans(ki, band, g0, g1)[0]  # (E, span, D) overlapping view
-            vc = key_spans(vi, band, g0, g1)[0]
-            s = torch.bmm(qc, kc.transpose(1, 2))  # (E, c, span)
-            s = s + (biases["mid"] if kind == "mid" else biases[kind][i % groups, g0 - t0:g1 - t0])
-            parts = [s]
-            if shared is not None:
-                s2 = torch.mm(qc.reshape(e * c, d), sk_t)  # (E·c, Ks)
-                if shared.bias is not None:
-                    s2 = s2 + shared.bias
-                parts.append(s2.view(e, c, ks))
-            if gathered is not None:
-                idx = gathered.index[g0:g1].reshape(-1)  # (E·r,)
-                kg = kb.index_select(0, idx).reshape(e, kr, d)  # (E, Kr, D)
-                vg = vb.index_select(0, idx).reshape(e, kr, d)
-                parts.append(torch.bmm(qc, kg.transpose(1, 2)) + gathered.bias[g0:g1, None, :])  # (E, c, Kr)
-            p = torch.softmax(torch.cat(parts, dim=-1) if len(parts) > 1 else s, dim=-1)  # (E, c, width)
-            o = torch.bmm(p[..., :span], vc)  # (E, c, D)
-            if shared is not None:
-                o = o + torch.mm(p[..., span:span + ks].reshape(e * c, ks), sv).view(e, c, d)
-            if gathered is not None:
-                o = o + torch.bmm(p[..., span + ks:], vg)
-            if kind != "mid" or biases["mid_dead"]:  # rows that see no key at all give 0, not a mean
-                live = biases["mid_live"] if kind == "mid" else biases[kind + "_live"][i % groups, g0 - t0:g1 - t0]
-                if shared is not None:
-                    live = live | (True if shared.bias is None else (shared.bias == 0).any())
-                if gathered is not None:
-                    live = live | (gathered.bias[g0:g1] == 0).any(-1)[:, None, None]
-                o = o * live
-            pieces.append(o)
+    for i in range(q.shape[0]):
+        seq = _Sequence.of(q, k, v, i, shared, gathered)
+        pieces = [_group_attention(seq, grp, band, biases, scale, shared, gathered) for grp in groups]  # (E, c, D) each
         outs.append(torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0])  # (nc, c, D)
     out = torch.stack(outs, dim=0)  # (SB, nc, c, D)
     return out.flatten(1, 2)[:, :band.rows]  # (SB, rows, D)
 
 
-# ------------------------------------------------------------------------ FlexAttention
+def _chunk_groups(band: Band, step: int) -> list[tuple[int, int, str, int]]:
+    """[(g0, g1, kind, t0)]: interior chunks in groups of at most ``step``, each edge segment whole.
 
-FLEX_TILE = 128
-
-
-def flex_reasons(device: str, dtype: str, mode: str | None = None) -> list[str]:
-    """Why ``impl=flex`` cannot run here (empty: it can)."""
-    try:
-        from torch.nn.attention import flex_attention as _fa  # noqa: F401
-    except ImportError:
-        return [f"impl=flex needs torch.nn.attention.flex_attention (torch >= 2.5); this is torch {torch.__version__}"]
-    kind = torch.device(device).type
-    if kind == "cpu":
-        reasons = []
-        if dtype not in ("float32", "float16", "bfloat16"):
-            reasons.append(f"impl=flex on the CPU supports float32/float16/bfloat16, not {dtype}")
-        if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
-            reasons.append("impl=flex on the CPU compiles C++ kernels and no C++ compiler (g++/clang++) was found")
-        if mode is not None and "bwd" in mode:
-            reasons.append(f"impl=flex has no CPU backward in torch {torch.__version__}; use impl=eager for fwd+bwd")
-        return reasons
-    if kind == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return ["impl=flex on CUDA needs triton, which is not installed"]
-        return []
-    return [f"impl=flex is not supported on device {kind!r} (cpu and cuda only)"]
-
-
-def tile_span_candidates(n: int, tile: int, reach_back: int, reach_fwd: int) -> torch.Tensor:
-    """(nt, nt) tiles holding some pair with -reach_fwd <= i - j <= reach_back (a superset is fine)."""
-    nt = -(-n // tile)
-    a = torch.arange(nt)[:, None]
-    b = torch.arange(nt)[None, :]
-    # smallest and largest i - j over tile pair (a, b)
-    lo = (a - b) * tile - (tile - 1)
-    hi = (a - b) * tile + (tile - 1)
-    return (hi >= -reach_fwd) & (lo <= reach_back)
-
-
-def build_block_mask(pattern: PatternFn, n: int, candidates: torch.Tensor, tile: int,
-                     device: torch.device | str = "cpu"):
-    """A ``BlockMask`` for ``pattern`` on length ``n``, classifying only the candidate tiles.
-
-    Each candidate (q tile, kv tile) is evaluated in full (T×T) and marked empty, partial
-    (mask_mod applied in the kernel) or full; positions >= n count as masked, like
-    ``create_block_mask`` (which pads its dense mask with False). Work and memory are
-    O(#candidates·T²), linear in N for banded patterns.
+    ``t0`` is the first chunk of the group's segment (edge biases are indexed from it).
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    nt = candidates.shape[0]
-    qt, kt = candidates.nonzero(as_tuple=True)  # (P,)
-    cls = torch.zeros(nt, nt, dtype=torch.int8)  # 0 empty, 1 partial, 2 full
-    ar = torch.arange(tile)
-    step = max(1, (1 << 22) // (tile * tile))
-    for p0 in range(0, qt.numel(), step):
-        a, b = qt[p0:p0 + step], kt[p0:p0 + step]
-        i = (a[:, None] * tile + ar)[:, :, None]  # (P, T, 1)
-        j = (b[:, None] * tile + ar)[:, None, :]  # (P, 1, T)
-        inside = (i < n) & (j < n)  # (P, T, T)
-        m = pattern(i, j) & inside
-        any_ = m.flatten(1).any(1)
-        full = m.flatten(1).all(1)
-        cls[a, b] = torch.where(full, 2, torch.where(any_, 1, 0)).to(torch.int8)
-
-    def pack(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        num = sel.sum(-1, dtype=torch.int32)  # (nt,)
-        idx = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)  # selected first
-        return num[None, None].to(device), idx[None, None].to(device)
-
-    kv_num, kv_idx = pack(cls == 1)
-    full_num, full_idx = pack(cls == 2)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile,
-                                    mask_mod=lambda b, h, i, j: pattern(i, j), seq_lengths=(n, n))
+    groups = []
+    for t0, t1, kind in band.segments():
+        size = step if kind == "mid" else t1 - t0
+        groups += [(g0, min(t1, g0 + size), kind, t0) for g0 in range(t0, t1, size)]
+    return groups
 
 
-def count_tiles(pattern: PatternFn, n: int, candidates: torch.Tensor, tile: int) -> int:
-    """Query-key products FlexAttention computes: T×T per non-empty tile, clipped to n (for analytic FLOPs)."""
-    bm = build_block_mask(pattern, n, candidates, tile)
-    nt = candidates.shape[0]
-    sizes = torch.tensor([min(tile, n - t * tile) for t in range(nt)], dtype=torch.int64)
-    total = 0
-    for num, idx in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
-        num, idx = num[0, 0].long(), idx[0, 0].long()
-        keep = torch.arange(nt)[None, :] < num[:, None]  # (nt, nt)
-        total += int((sizes[:, None] * sizes[idx] * keep).sum())
-    return total
+class _Sequence(NamedTuple):
+    """One sequence ``i`` of the (SB, L, D) batch and its views of the shared and gathered keys."""
+
+    i: int
+    q: torch.Tensor  # (1, L, D)
+    k: torch.Tensor  # (1, L, D)
+    v: torch.Tensor  # (1, L, D)
+    shared_kt: torch.Tensor | None  # (D, Ks)
+    shared_v: torch.Tensor | None  # (Ks, D)
+    blocks_k: torch.Tensor | None  # (nblk, b, D)
+    blocks_v: torch.Tensor | None  # (nblk, b, D)
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int, shared: Shared | None,
+           gathered: Gathered | None) -> "_Sequence":
+        sk_t = sv = kb = vb = None
+        if shared is not None:
+            sk_t, sv = shared.k[i].transpose(0, 1), shared.v[i]  # (D, Ks), (Ks, D)
+        if gathered is not None:
+            nblk, blk = gathered.nblocks, gathered.block
+            kb = k[i, :nblk * blk].unflatten(0, (nblk, blk))  # (nblk, b, D)
+            vb = v[i, :nblk * blk].unflatten(0, (nblk, blk))  # (nblk, b, D)
+        return cls(i, q[i:i + 1], k[i:i + 1], v[i:i + 1], sk_t, sv, kb, vb)
 
 
-# One weak table so the custom op (which can only take tensors and numbers) finds its kernel.
-_KERNELS: "weakref.WeakValueDictionary[int, FlexKernel]" = weakref.WeakValueDictionary()
+def _group_attention(seq: _Sequence, group: tuple[int, int, str, int], band: Band, biases: dict,
+                     scale: float, shared: Shared | None, gathered: Gathered | None) -> torch.Tensor:
+    """Chunks [g0, g1) of one sequence against span ∪ shared ∪ gathered keys, one softmax: (E, c, D).
 
-
-@functools.lru_cache(maxsize=None)
-def _flex_op():
-    """The opaque custom op around a compiled FlexAttention call (defined on first use)."""
-
-    @torch.library.custom_op("effbench::flex_sparse_attention", mutates_args=())
-    def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> torch.Tensor:
-        return _KERNELS[handle].run(q, k, v)
-
-    @flex_sparse_attention.register_fake
-    def _(q, k, v, handle):
-        return torch.empty_like(q)
-
-    return flex_sparse_attention
-
-
-@dataclass
-class FlexKernel:
-    """``torch.compile(flex_attention)`` for one mask pattern and one length, built up front.
-
-    ``pattern_for(device)`` returns the (i, j) pattern with any captured tensors on ``device``.
-    ``prepare(device, dtype)`` builds the block mask there and compiles + warms the kernel for
-    (1, heads, n, head_dim) inputs (batch 1, the harness default: another batch size compiles
-    once more on its first call, i.e. in the warm-up); ``build_ms`` records where the time went.
+    Cost: 4·E·c·(span + Ks + Kr)·D FLOPs; live scores E·c·(span + Ks + Kr) elements.
     """
-
-    pattern_for: Callable[[torch.device], PatternFn]
-    n: int
-    candidates: torch.Tensor
-    tile: int
-    heads: int
-    head_dim: int
-    scale: float
-    build_ms: dict = field(default_factory=dict)
-    device: torch.device | None = None
-    dtype: torch.dtype | None = None
-    block_mask: object = None
-    _compiled: Callable | None = None
-
-    def __post_init__(self):
-        _KERNELS[id(self)] = self
-
-    @property
-    def handle(self) -> int:
-        return id(self)
-
-    def prepare(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        device = torch.device(device)
-        if (device, dtype) == (self.device, self.dtype):
-            return
-        from torch.nn.attention.flex_attention import flex_attention
-
-        t0 = time.perf_counter()
-        if self.block_mask is None or device != self.device:
-            self.block_mask = build_block_mask(self.pattern_for(device), self.n, self.candidates, self.tile, device)
-        t1 = time.perf_counter()
-        if self._compiled is None:
-            self._compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
-        self.device, self.dtype = device, dtype
-        q, k, v = (torch.zeros(1, self.heads, self.n, self.head_dim, device=device, dtype=dtype) for _ in range(3))
-        with torch.no_grad():
-            _flex_op()(q, k, v, self.handle)  # compile (and warm) now, not in the first timed call
-        t2 = time.perf_counter()
-        self.build_ms = {"block_mask_ms": (t1 - t0) * 1e3, "compile_ms": (t2 - t1) * 1e3}
-
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        with torch._dynamo.config.patch(recompile_limit=64):
-            return self._compiled(q, k, v, block_mask=self.block_mask, scale=self.scale)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if (q.device, q.dtype) != (self.device, self.dtype):
-            self.prepare(q.device, q.dtype)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if needs_grad:
-            if q.device.type == "cpu":
-                raise NotImplementedError(
-                    f"impl=flex has no CPU backward in torch {torch.__version__}; use impl=eager for gradients")
-            return self.run(q, k, v)
-        return _flex_op()(q, k, v, self.handle)
+    g0, g1, kind, t0 = group
+    qc = query_chunks(seq.q, band, g0, g1)[0] * scale  # (E, c, D)
+    vc = key_spans(seq.v, band, g0, g1)[0]  # (E, span, D) overlapping view
+    s, vg = _group_scores(seq, qc, group, band, biases, shared, gathered)  # (E, c, width), (E, Kr, D)
+    p = torch.softmax(s, dim=-1)  # (E, c, width)
+    o = _group_values(seq, p, vc, vg)  # (E, c, D)
+    if kind != "mid" or biases["mid_dead"]:  # rows that see no key at all give 0, not a mean
+        o = o * _live_rows(seq, group, band, biases, shared, gathered)
+    return o
 
 
-# ------------------------------------------------------------------ shared module plumbing
+def _group_scores(seq: _Sequence, qc: torch.Tensor, group: tuple[int, int, str, int], band: Band, biases: dict,
+                  shared: Shared | None, gathered: Gathered | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Biased scores of the scaled queries ``qc`` (E, c, D) against [span; shared; gathered] keys.
 
-class PatternAttention(torch.nn.Module):
-    """Plumbing shared by the sparse-pattern mechanisms.
-
-    A subclass defines ``pattern_on(device) -> (i, j) -> bool`` (the mask, for the reference
-    and for FlexAttention), ``flex_candidates(n, tile)``, ``_make_plan(N, device, dtype)``
-    and ``_eager(q, k, v, plan)``. Plans (biases, indices) and the compiled FlexAttention
-    kernel are built in ``__init__`` for ``n`` and rebuilt when ``.to()`` changes the device
-    or dtype, so nothing is built inside a measured call.
+    Returns the scores (E, c, span + Ks + Kr) and the gathered values (E, Kr, D) (None without
+    gathered keys). Cost: 2·E·c·(span + Ks + Kr)·D FLOPs.
     """
+    g0, g1, kind, t0 = group
+    e, c, d = qc.shape
+    kc = key_spans(seq.k, band, g0, g1)[0]  # (E, span, D) overlapping view
+    s = torch.bmm(qc, kc.transpose(1, 2))  # (E, c, span)
+    s = s + (biases["mid"] if kind == "mid" else biases[kind][seq.i % band.groups, g0 - t0:g1 - t0])
+    parts, vg = [s], None
+    if shared is not None:
+        s2 = torch.mm(qc.reshape(e * c, d), seq.shared_kt)  # (E·c, Ks)
+        if shared.bias is not None:
+            s2 = s2 + shared.bias
+        parts.append(s2.view(e, c, -1))  # (E, c, Ks)
+    if gathered is not None:
+        idx = gathered.index[g0:g1].reshape(-1)  # (E·r,)
+        kg = seq.blocks_k.index_select(0, idx).reshape(e, -1, d)  # (E, Kr, D)
+        vg = seq.blocks_v.index_select(0, idx).reshape(e, -1, d)  # (E, Kr, D)
+        parts.append(torch.bmm(qc, kg.transpose(1, 2)) + gathered.bias[g0:g1, None, :])  # (E, c, Kr)
+    return (torch.cat(parts, dim=-1) if len(parts) > 1 else s), vg  # (E, c, width)
 
-    flex_tile: int = FLEX_TILE
 
-    def _setup(self, *, head_dim: int, heads: int, n: int, causal: bool, impl: str) -> None:
-        self.head_dim, self.heads, self.n, self.causal, self.impl = head_dim, heads, n, causal, impl
-        self.scale = default_scale(head_dim)
-        self.register_buffer("_probe", torch.zeros(()), persistent=False)  # follows .to(device, dtype)
-        self._plans: dict = {}
-        self._flex: FlexKernel | None = None
-        self._build_ms: dict = {}
-        self._build()
+def _group_values(seq: _Sequence, p: torch.Tensor, vc: torch.Tensor, vg: torch.Tensor | None) -> torch.Tensor:
+    """Weights ``p`` (E, c, span + Ks + Kr) times [span values vc; shared values; gathered values vg]: (E, c, D)."""
+    e, c, _ = p.shape
+    span = vc.shape[1]
+    o = torch.bmm(p[..., :span], vc)  # (E, c, D)
+    ks = 0
+    if seq.shared_v is not None:
+        ks = seq.shared_v.shape[0]
+        o = o + torch.mm(p[..., span:span + ks].reshape(e * c, ks), seq.shared_v).view(e, c, -1)  # (E, c, D)
+    if vg is not None:
+        o = o + torch.bmm(p[..., span + ks:], vg)  # (E, c, D)
+    return o
 
-    # -- building -------------------------------------------------------------------------
-    def _build(self) -> None:
-        device, dtype = self._probe.device, self._probe.dtype
-        t0 = time.perf_counter()
-        if self.impl == "flex":
-            if flex_reasons(str(device), str(dtype).removeprefix("torch.")):
-                return  # forward explains; check() refuses such cases up front
-            if self._flex is None:
-                tile = self.flex_tile
-                self._flex = FlexKernel(self.pattern_on, self.n, self.flex_candidates(self.n, tile), tile,
-                                        self.heads, self.head_dim, self.scale)
-            self._flex.prepare(device, dtype)
-            self._build_ms = dict(self._flex.build_ms)
-        else:
-            self._plans.clear()
-            self._plan(self.n, device, dtype)
-            self._build_ms = {"plan_ms": (time.perf_counter() - t0) * 1e3}
 
-    def _apply(self, fn, recurse: bool = True):
-        before = (self._probe.device, self._probe.dtype)
-        out = super()._apply(fn, recurse)
-        if (self._probe.device, self._probe.dtype) != before:
-            self._build()
-        return out
-
-    def _plan(self, N: int, device: torch.device, dtype: torch.dtype):
-        key = (N, device, dtype)
-        if key not in self._plans:
-            self._plans[key] = self._make_plan(N, device, dtype)
-        return self._plans[key]
-
-    def build_info(self) -> dict:
-        info: dict = {"impl": self.impl}
-        if self.impl == "eager" and self._plans:
-            band = next(iter(self._plans.values())).get("band")
-            if band is not None:
-                info["chunk"] = band.c
-                info["span"] = band.span
-        if self.impl == "flex":
-            info["flex_tile"] = self.flex_tile
-            info["compiled_batch"] = 1  # other batch sizes compile once more on their first call
-        info.update(self._build_ms)
-        return info
-
-    # -- calling --------------------------------------------------------------------------
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.impl == "flex":
-            reasons = flex_reasons(str(q.device), str(q.dtype).removeprefix("torch."))
-            if reasons:
-                raise NotImplementedError("; ".join(reasons))
-            if q.shape[-2] != self.n:
-                raise ValueError(f"impl=flex was built for n={self.n}, got N={q.shape[-2]}")
-            return self._flex(q, k, v)  # (B, H, N, D)
-        return self._eager(q, k, v, self._plan(q.shape[-2], q.device, q.dtype))
-
-    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Dense softmax attention under the same mask (N×N: small N only)."""
-        from .base import mask_from_mod, masked_softmax_attention
-
-        mask = mask_from_mod(self.pattern_on(q.device), q.shape[-2], device=q.device)  # (N, N)
-        return masked_softmax_attention(q, k, v, mask, scale=self.scale)
+def _live_rows(seq: _Sequence, group: tuple[int, int, str, int], band: Band, biases: dict,
+               shared: Shared | None, gathered: Gathered | None) -> torch.Tensor:
+    """Rows of chunks [g0, g1) that see at least one key: (c, 1) or (E, c, 1) bool."""
+    g0, g1, kind, t0 = group
+    live = biases["mid_live"] if kind == "mid" else biases[kind + "_live"][seq.i % band.groups, g0 - t0:g1 - t0]
+    if shared is not None:
+        live = live | (True if shared.bias is None else (shared.bias == 0).any())
+    if gathered is not None:
+        live = live | (gathered.bias[g0:g1] == 0).any(-1)[:, None, None]  # (E, 1, 1)
+    return live

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._banded import (
-    Band, Gathered, PatternAttention, Shared, additive_bias, band_matmul, count_tiles, flex_reasons, neg_for,
-)
+from ._banded import Band, Gathered, Shared, additive_bias, band_matmul, neg_for
+from ._flex import PatternAttention, count_tiles, flex_reasons
 from .base import Fidelity, Knob, decreasing, register
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._banded import (
-    Band, PatternAttention, band_sdpa, count_tiles, flex_reasons, pick_chunk, tile_span_candidates,
-)
+from ._banded import Band, band_sdpa, pick_chunk
+from ._flex import PatternAttention, count_tiles, flex_reasons, tile_span_candidates
 from .base import Fidelity, Knob, decreasing, register
 from .local import local_offsets
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._banded import (
-    Band, PatternAttention, band_sdpa, count_tiles, flex_reasons, pick_chunk, tile_span_candidates,
-)
+from ._banded import Band, band_sdpa, pick_chunk
+from ._flex import PatternAttention, count_tiles, flex_reasons, tile_span_candidates
 from .base import Fidelity, Knob, decreasing, equals_dense_at, register
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._banded import (
-    Band, PatternAttention, Shared, band_matmul, band_sdpa, count_tiles, flex_reasons, neg_for, pick_chunk,
-    tile_span_candidates,
-)
+from ._banded import Band, Shared, band_matmul, band_sdpa, neg_for, pick_chunk
+from ._flex import PatternAttention, count_tiles, flex_reasons, tile_span_candidates
 from .base import Fidelity, Knob, decreasing, equals_dense_at, register
 from .local import local_offsets
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -171,75 +172,61 @@ class ReformerAttention(nn.Module):
         straddle two heads are computed and thrown away (1/(C+1) of the work).
         """
         G, N, D = x.shape
-        C = n_chunks
-        n_pad = C * c
-        ext = n_pad + c  # rows per head in the extended layout
-        W = G * (C + 1) - 1  # windows
-        if n_pad > N:  # padded slots: zero vectors at positions N.., sorted after every real position
-            x_p = F.pad(x, (0, 0, 0, n_pad - N))  # (G, Np, D)
-            v_p = F.pad(v, (0, 0, 0, n_pad - N))  # (G, Np, D)
-        else:
-            x_p, v_p = x, v
-        x_flat = x_p.reshape(G * n_pad, D)  # (G·Np, D)
-        v_flat = v_p.reshape(G * n_pad, D)  # (G·Np, D)
-        heads = torch.arange(G, device=x.device)[:, None]  # (G, 1)
-        tail = torch.arange(N, n_pad, device=x.device).expand(G, -1)  # (G, Np − N)
-        slots = torch.arange(n_pad, device=x.device).expand(G, -1)  # (G, Np)
-        acc_o = acc_w = acc_m = None
+        lay = _Layout.of(x, v, c, n_chunks)
+        acc = None  # running (Σ_r w_r·o_r, Σ_r w_r, M) over the rounds
         buckets = self.hash(x)  # (G, R, N)
         for r in range(self.rounds):
             order = torch.sort(buckets[:, r], dim=-1, stable=True).indices  # (G, N) by (bucket, position)
-            if n_pad > N:
-                order = torch.cat([order, tail], dim=-1)  # (G, Np)
-            order_ext = torch.cat([order[:, -c:], order], dim=-1)  # (G, Np + c)
-            rows = (order_ext + heads * n_pad).reshape(-1)  # (G·(Np + c),)
-            xs = x_flat.index_select(0, rows)  # (G·(Np + c), D)
-            vs = v_flat.index_select(0, rows)  # (G·(Np + c), D)
-            qw = xs[c:].view(W, c, D)  # (W, c, D) queries of window w = chunk w+1
-            kw = self.keys(xs).unfold(0, 2 * c, c)  # (W, D, 2c) view
-            vw = vs.unfold(0, 2 * c, c).transpose(1, 2)  # (W, 2c, D) view
-            s = torch.matmul(qw, kw)  # (W, c, 2c)
-            del xs, qw, kw  # free the sorted queries/keys now (without autograd holding them)
-            if self.causal:  # j <= i; padded slots have positions >= N, always in the future
-                pos = order_ext.reshape(-1)  # (G·(Np + c),)
-                s.masked_fill_(pos.unfold(0, 2 * c, c)[:, None, :] > pos[c:].view(W, c, 1), float("-inf"))
-            elif n_pad > N:  # padded key slots: the tail of each head's last chunk
-                real = N - (C - 1) * c
-                s[0::C + 1, :, real:c] = float("-inf")  # chunk 0: its previous chunk is the last one
-                s[C - 1::C + 1, :, c + real:] = float("-inf")  # the last chunk itself
-            s[:, :, c:].diagonal(dim1=1, dim2=2).fill_(self._self_score(s.dtype))  # self only if nothing else
-            if self.rounds == 1:  # no logsumexp needed: the fused softmax kernel
-                o = torch.matmul(torch.softmax(s, dim=-1), vw)  # (W, c, D)
-            else:
-                m = s.detach().amax(dim=-1, keepdim=True)  # (W, c, 1), finite: the self score is
-                e = s.sub_(m).exp_()  # (W, c, 2c)
-                l = e.sum(dim=-1, keepdim=True)  # (W, c, 1), >= 1
-                o = torch.matmul(e, vw).div_(l)  # (W, c, D)
-                del e
-            del s, vs, vw
-            # undo the sort: position p of head g sits at output row g·(Np + c) + slot(p)
-            inv = torch.empty_like(order).scatter_(1, order, slots)  # (G, Np)
-            back = (inv[:, :N] + heads * ext).reshape(-1)  # (G·N,)
-            o_r = o.view(W * c, D).index_select(0, back).view(G, N, D)  # (G, N, D)
+            if lay.n_pad > N:
+                order = torch.cat([order, lay.tail], dim=-1)  # (G, Np)
+            o, m, l = self._round(lay, order)  # (W, c, D); (W, c, 1) each, None for one round
+            back = lay.unsort(order)  # (G·N,)
+            o_r = o.view(lay.windows * c, D).index_select(0, back).view(G, N, D)  # (G, N, D)
             if self.rounds == 1:
                 return o_r
-            lse_r = (m + torch.log(l)).view(W * c).index_select(0, back).view(G, N, 1)  # (G, N, 1)
-            # o = Σ_r exp(lse_r − M) o_r / Σ_r exp(lse_r − M) with M a running max (no gradient: it
-            # cancels). Rows that see only themselves have lse = −1e5 in every round, where
-            # logaddexp would lose the weights to float32 rounding of −1e5 + log 2.
-            if acc_o is None:
-                acc_m = lse_r.detach()  # (G, N, 1)
-                acc_w = torch.exp(lse_r - acc_m)  # (G, N, 1), value 1
-                acc_o = o_r * acc_w  # (G, N, D)
-            else:
-                m_new = torch.maximum(acc_m, lse_r.detach())  # (G, N, 1)
-                rescale = torch.exp(acc_m - m_new)  # (G, N, 1)
-                w = torch.exp(lse_r - m_new)  # (G, N, 1)
-                acc_o = acc_o.mul_(rescale).addcmul_(o_r, w)  # (G, N, D), in place: no new N·D buffers
-                acc_w = acc_w * rescale + w  # (G, N, 1)
-                acc_m = m_new
+            lse_r = (m + torch.log(l)).view(lay.windows * c).index_select(0, back).view(G, N, 1)  # (G, N, 1)
+            acc = _combine_rounds(acc, o_r, lse_r)
             del o_r
-        return acc_o.div_(acc_w)
+        return acc[0].div_(acc[1])
+
+    def _round(self, lay: "_Layout", order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+        """One round in sorted order: every chunk against [previous; current] (see ``_lsh``).
+
+        order (G, Np): the positions in sorted order, padded slots last. Returns o (W, c, D) and,
+        for several rounds, the row max m (W, c, 1) and the sum l (W, c, 1) of exp(s − m), o being
+        already divided by l. Cost: 4·W·c·2c·D FLOPs; live scores W·c·2c elements.
+        """
+        c, W = lay.c, lay.windows
+        D = lay.x_flat.shape[1]
+        order_ext = torch.cat([order[:, -c:], order], dim=-1)  # (G, Np + c)
+        rows = (order_ext + lay.heads * lay.n_pad).reshape(-1)  # (G·(Np + c),)
+        xs = lay.x_flat.index_select(0, rows)  # (G·(Np + c), D)
+        vs = lay.v_flat.index_select(0, rows)  # (G·(Np + c), D)
+        qw = xs[c:].view(W, c, D)  # (W, c, D) queries of window w = chunk w+1
+        kw = self.keys(xs).unfold(0, 2 * c, c)  # (W, D, 2c) view
+        vw = vs.unfold(0, 2 * c, c).transpose(1, 2)  # (W, 2c, D) view
+        s = torch.matmul(qw, kw)  # (W, c, 2c)
+        del xs, qw, kw  # free the sorted queries/keys now (without autograd holding them)
+        self._mask_windows(s, lay, order_ext)
+        if self.rounds == 1:  # no logsumexp needed: the fused softmax kernel
+            return torch.matmul(torch.softmax(s, dim=-1), vw), None, None  # (W, c, D)
+        m = s.detach().amax(dim=-1, keepdim=True)  # (W, c, 1), finite: the self score is
+        e = s.sub_(m).exp_()  # (W, c, 2c)
+        l = e.sum(dim=-1, keepdim=True)  # (W, c, 1), >= 1
+        return torch.matmul(e, vw).div_(l), m, l  # (W, c, D)
+
+    def _mask_windows(self, s: torch.Tensor, lay: "_Layout", order_ext: torch.Tensor) -> None:
+        """In place on the scores s (W, c, 2c): causal or padded keys −inf, the self score last."""
+        c, C, W, N = lay.c, lay.chunks, lay.windows, lay.n
+        if self.causal:  # j <= i; padded slots have positions >= N, always in the future
+            pos = order_ext.reshape(-1)  # (G·(Np + c),)
+            s.masked_fill_(pos.unfold(0, 2 * c, c)[:, None, :] > pos[c:].view(W, c, 1), float("-inf"))
+        elif lay.n_pad > N:  # padded key slots: the tail of each head's last chunk
+            real = N - (C - 1) * c
+            s[0::C + 1, :, real:c] = float("-inf")  # chunk 0: its previous chunk is the last one
+            s[C - 1::C + 1, :, c + real:] = float("-inf")  # the last chunk itself
+        s[:, :, c:].diagonal(dim1=1, dim2=2).fill_(self._self_score(s.dtype))  # self only if nothing else
 
     # --------------------------------------------------------------- reference
 
@@ -271,3 +258,64 @@ class ReformerAttention(nn.Module):
         s = s + torch.log(count)  # log 0 = -inf: not visible
         return torch.matmul(torch.softmax(s, dim=-1), v)  # (B, H, N, D)
 
+
+@dataclass
+class _Layout:
+    """The extended sorted layout of ``_lsh`` for G heads of N positions, C chunks of c rows."""
+
+    n: int
+    c: int
+    chunks: int  # C
+    n_pad: int  # Np = C·c
+    x_flat: torch.Tensor  # (G·Np, D), zero rows at the padded slots
+    v_flat: torch.Tensor  # (G·Np, D)
+    heads: torch.Tensor  # (G, 1) head index
+    tail: torch.Tensor  # (G, Np − N) padded positions N.., sorted after every real one
+    slots: torch.Tensor  # (G, Np) 0..Np−1
+
+    @classmethod
+    def of(cls, x: torch.Tensor, v: torch.Tensor, c: int, n_chunks: int) -> "_Layout":
+        """x, v (G, N, D), padded to C·c rows per head (zero vectors at positions N..) and flattened."""
+        G, N, D = x.shape
+        n_pad = n_chunks * c
+        if n_pad > N:  # padded slots: zero vectors at positions N.., sorted after every real position
+            x_p = F.pad(x, (0, 0, 0, n_pad - N))  # (G, Np, D)
+            v_p = F.pad(v, (0, 0, 0, n_pad - N))  # (G, Np, D)
+        else:
+            x_p, v_p = x, v
+        return cls(
+            n=N, c=c, chunks=n_chunks, n_pad=n_pad,
+            x_flat=x_p.reshape(G * n_pad, D), v_flat=v_p.reshape(G * n_pad, D),  # (G·Np, D)
+            heads=torch.arange(G, device=x.device)[:, None],  # (G, 1)
+            tail=torch.arange(N, n_pad, device=x.device).expand(G, -1),  # (G, Np − N)
+            slots=torch.arange(n_pad, device=x.device).expand(G, -1),  # (G, Np)
+        )
+
+    @property
+    def windows(self) -> int:
+        """W = G·(C+1) − 1 windows of 2c keys."""
+        return self.heads.shape[0] * (self.chunks + 1) - 1
+
+    def unsort(self, order: torch.Tensor) -> torch.Tensor:
+        """(G·N,) output row of each position: position p of head g sits at g·(Np + c) + slot(p)."""
+        inv = torch.empty_like(order).scatter_(1, order, self.slots)  # (G, Np)
+        return (inv[:, :self.n] + self.heads * (self.n_pad + self.c)).reshape(-1)  # (G·N,)
+
+
+def _combine_rounds(acc: tuple | None, o_r: torch.Tensor, lse_r: torch.Tensor) -> tuple:
+    """Fold round r, o_r (G, N, D) with logsumexp lse_r (G, N, 1), into acc = (Σ w·o, Σ w, M).
+
+    o = Σ_r exp(lse_r − M) o_r / Σ_r exp(lse_r − M) with M a running max (no gradient: it
+    cancels). Rows that see only themselves have lse = −1e5 in every round, where
+    logaddexp would lose the weights to float32 rounding of −1e5 + log 2.
+    """
+    if acc is None:
+        acc_m = lse_r.detach()  # (G, N, 1)
+        acc_w = torch.exp(lse_r - acc_m)  # (G, N, 1), value 1
+        return o_r * acc_w, acc_w, acc_m  # (G, N, D), (G, N, 1), (G, N, 1)
+    acc_o, acc_w, acc_m = acc
+    m_new = torch.maximum(acc_m, lse_r.detach())  # (G, N, 1)
+    rescale = torch.exp(acc_m - m_new)  # (G, N, 1)
+    w = torch.exp(lse_r - m_new)  # (G, N, 1)
+    acc_o = acc_o.mul_(rescale).addcmul_(o_r, w)  # (G, N, D), in place: no new N·D buffers
+    return acc_o, acc_w * rescale + w, m_new  # (G, N, D), (G, N, 1), (G, N, 1)

@@ -14,9 +14,8 @@ import torch
 import mechanisms
 from effbench.measure.flops import count_flops
 from effbench.measure.memory import tracked_peak
-from mechanisms._banded import (
-    Band, Gathered, Shared, band_matmul, band_sdpa, build_block_mask, flex_reasons, neg_for,
-)
+from mechanisms._banded import Band, Gathered, Shared, band_matmul, band_sdpa, neg_for
+from mechanisms._flex import build_block_mask, flex_reasons
 from mechanisms.bigbird import random_blocks
 from helpers import assert_linear, growth
 
