@@ -48,11 +48,15 @@ def parse_int_list(text: str, what: str, minimum: int = 1) -> list[int]:
 
 
 def parse_list(text: str | None) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c'] (empty items dropped)."""
     return [p.strip() for p in str(text or "").split(",") if p.strip()]
 
 
-def fmt_bytes(value: Any) -> str:
-    """Bytes for display in binary units, labelled (KiB, MiB, GiB)."""
+def fmt_bytes(value: Any, compact: bool = False) -> str:
+    """Bytes for display in binary units, labelled: ``4.0 MiB``, ``1,000.0 KiB``, ``512 B`` ("—" when missing).
+
+    ``compact`` (axis ticks): no trailing ``.0`` and no thousands separator: ``4 MiB``, ``1.5 GiB``, ``512 B``.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     try:
@@ -61,11 +65,28 @@ def fmt_bytes(value: Any) -> str:
         return "—"
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(value) >= size:
-            return f"{value / size:,.1f} {unit}"
-    return f"{value:,.0f} B"
+            q = value / size
+            if not compact:
+                return f"{q:,.1f} {unit}"
+            return f"{q:g} {unit}" if float(round(q, 6)).is_integer() else f"{q:.1f} {unit}"
+    return f"{value:g} B" if compact else f"{value:,.0f} B"
+
+
+# A timing is noisy when its IQR is above this fraction of its median (one threshold for the CLI and the summary).
+NOISY_IQR = 0.10
+
+
+def is_noisy(median: Any, iqr: Any) -> bool:
+    """True when ``iqr`` exceeds ``NOISY_IQR`` × ``median`` (False when either is missing or the median is not > 0)."""
+    try:
+        median, iqr = float(median), float(iqr)
+    except (TypeError, ValueError):
+        return False
+    return median > 0 and iqr > NOISY_IQR * median  # NaN compares False
 
 
 def fmt_ms(median: Any, iqr: Any = None) -> str:
+    """Milliseconds for display, 2/1/0 decimals by size, `` ± IQR`` when given ("—" when missing)."""
     try:
         median = float(median)
     except (TypeError, ValueError):
@@ -84,6 +105,7 @@ def fmt_ms(median: Any, iqr: Any = None) -> str:
 
 
 def fmt_flops(value: Any) -> str:
+    """A FLOP count for display: ``1.23 GFLOP`` ("—" when missing)."""
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from effbench import analysis, plot, results
+from effbench import figure_base, fits, plot, results
 from effbench.cases import Case
 from effbench.sweep import case_row
 from effbench.units import UsageError
@@ -100,16 +100,16 @@ def test_slopes_csv_holds_the_fits(report):
 def test_fit_standard_error_matches_the_matrix_formula():
     n = np.array([256, 512, 1024, 2048, 4096], dtype=float)
     y = 3 * n**1.5 * np.array([1.1, 0.9, 1.05, 0.97, 1.02])
-    fit = analysis.fit_loglog(n, y)
+    fit = fits.fit_loglog(n, y)
     X = np.column_stack([np.ones_like(n), np.log(n)])
     beta, res, *_ = np.linalg.lstsq(X, np.log(y), rcond=None)
     cov = res[0] / (len(n) - 2) * np.linalg.inv(X.T @ X)
     assert fit.slope == pytest.approx(beta[1], rel=1e-12)
     assert fit.slope_se == pytest.approx(math.sqrt(cov[1, 1]), rel=1e-9)
-    two = analysis.fit_loglog([256, 512], [1.0, 4.0])
+    two = fits.fit_loglog([256, 512], [1.0, 4.0])
     assert two.slope == pytest.approx(2) and math.isnan(two.slope_se)
-    assert analysis.fit_loglog([256], [1.0]) is None
-    assert [analysis.verdict(b) for b in (0.5, 1.0, 1.5, 2.0)] == ["sub-linear", "≈N", "in between", "≈N²"]
+    assert fits.fit_loglog([256], [1.0]) is None
+    assert [fits.verdict(b) for b in (0.5, 1.0, 1.5, 2.0)] == ["sub-linear", "≈N", "in between", "≈N²"]
 
 
 # ------------------------------------------------------------------------------ crossovers
@@ -138,11 +138,11 @@ def test_crossover_outside_range_and_parallel(report):
 
 
 def test_crossover_just_outside_range_is_reported():
-    mech = analysis.Fit(slope=1, intercept=math.log(1.0), slope_se=0, points=3, n_min=100, n_max=1000)
-    base = analysis.Fit(slope=2, intercept=math.log(1 / 1500), slope_se=0, points=3, n_min=100, n_max=1000)
-    result = analysis.crossover(mech, base)  # N* = 1500, within 2× of the range's top
+    mech = fits.Fit(slope=1, intercept=math.log(1.0), slope_se=0, points=3, n_min=100, n_max=1000)
+    base = fits.Fit(slope=2, intercept=math.log(1 / 1500), slope_se=0, points=3, n_min=100, n_max=1000)
+    result = fits.crossover(mech, base)  # N* = 1500, within 2× of the range's top
     assert result.n_star == pytest.approx(1500) and "just outside" in result.text
-    far = analysis.crossover(mech, analysis.Fit(2, math.log(1 / 5000), 0, 3, 100, 1000))
+    far = fits.crossover(mech, fits.Fit(2, math.log(1 / 5000), 0, 3, 100, 1000))
     assert far.kind == "never" and math.isnan(far.n_star) and far.n_cross == pytest.approx(5000)
 
 
@@ -203,7 +203,8 @@ def test_lines_labels_references_and_axes(report):
     ax = mem.figure.axes[0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert "peak_tensor_bytes" in ax.get_ylabel() and "ms" in tim.figure.axes[0].get_ylabel()
-    assert plot.tick_bytes(4 * 2**20) == "4 MiB" and plot.tick_n(32768) == "32k" and plot.tick_ms(1000) == "1,000"
+    assert figure_base.tick_bytes(4 * 2**20) == "4 MiB" and figure_base.tick_n(32768) == "32k"
+    assert figure_base.tick_ms(1000) == "1,000"
 
 
 def test_files_written_in_the_default_directory(report):
@@ -280,7 +281,7 @@ def test_highlights_compare_causal_only_mechanisms_with_causal_dense(tmp_path):
     rows += [_ok("dense", n, 2e-6 * n * n, 32 * n * n, causal=True) for n in NS]
     rows += [_ok("linear", n, 1e-3 * n, 1000 * n) for n in NS]
     rows += [_ok("transformer-xl", n, 1e-3 * n, 2000 * n, causal=True) for n in NS]
-    lines = plot.make_report(_write(tmp_path / "r.csv", rows), out_dir=tmp_path / "o").analysis.highlights
+    lines = plot.make_report(_write(tmp_path / "r.csv", rows), out_dir=tmp_path / "o").highlights
     xl = [line for line in lines if line.startswith("transformer-xl")]
     # at N=4096 causal dense: 2e-6·N² ms and 32·N² B against 1e-3·N ms and 2000·N B
     assert xl == ["transformer-xl[memory=128,segment=128] causal is 8.2× faster and uses 65.5× less memory "

@@ -1,0 +1,193 @@
+"""Everything drawn on the terminal: one status-to-style map, the consoles, and the rich tables.
+
+The commands in ``cli.py`` compute and delegate; this module only shows. A table printed to a log
+file (not a terminal) is laid out at ``LOG_WIDTH`` columns instead of rich's default of 80, so
+that it stays one row per line when the output is redirected.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+import mechanisms
+
+from .status import Status
+from .units import fmt_bytes, fmt_flops, fmt_ms
+
+LOG_WIDTH = 240
+
+# One map from a row status (sweep rows) or a check result (verify rows) to its style.
+STYLES: dict[str, str] = {
+    Status.OK: "green", Status.SKIPPED: "dim", Status.PREDICTED_OOM: "yellow", Status.OOM: "red",
+    Status.TIMEOUT: "red", Status.KILLED: "red", Status.ERROR: "red",
+    "pass": "green", "fail": "bold red", "skip": "dim", "n/a": "dim",
+}
+
+
+def console(stderr: bool = False) -> Console:
+    """A console that keeps tables one row per line when it writes to a file or pipe."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, width=None if tty else LOG_WIDTH)
+
+
+def styled(text: Any, key: str | None = None) -> str:
+    key = str(text) if key is None else key
+    return f"[{STYLES.get(key, 'red')}]{text}[/]"
+
+
+def _knobs_of(row) -> str:
+    spec = mechanisms.REGISTRY.get(row.get("mechanism"))
+    return ", ".join(f"{k.name}={row.get(k.name)}" for k in spec.knobs) if spec else ""
+
+
+SWEEP_COLUMNS = [("mechanism", "left", None), ("knobs", "left", None), ("N", "right", None),
+                 ("status", "left", None), ("ms (median ± IQR)", "right", "time_ms_median"),
+                 ("peak tensors", "right", "peak_tensor_bytes"), ("peak RSS", "right", "rss_peak_bytes"),
+                 ("CUDA alloc", "right", "peak_alloc_bytes"), ("NVML", "right", "nvml_peak_bytes"),
+                 ("FLOPs", "right", "flops")]
+
+
+def sweep_table(rows: Iterable, title: str) -> Table:
+    """Summary of sweep rows: times in ms (median ± IQR), memory in binary units; empty reading columns left out.
+    ``rows`` are records with ``.get(column)`` (sweep Rows or dicts)."""
+    rows = list(rows)
+    columns = [c for c in SWEEP_COLUMNS if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
+    table = Table(title=title)
+    for name, just, _ in columns:
+        table.add_column(name, justify=just, no_wrap=name in ("mechanism", "N"),
+                         overflow="fold" if name in ("knobs", "status") else "ellipsis")
+    for r in rows:
+        status = str(r.get("status") or "")
+        error = r.get("error")
+        cells = {
+            "mechanism": r.get("mechanism"), "knobs": _knobs_of(r), "N": f"{r.get('n'):,}",
+            "status": styled(status) + (f" [dim]{error[:48]}…[/]" if status != Status.OK and error else ""),
+            "ms (median ± IQR)": fmt_ms(r.get("time_ms_median"), r.get("time_ms_iqr")),
+            "peak tensors": fmt_bytes(r.get("peak_tensor_bytes")), "peak RSS": fmt_bytes(r.get("rss_peak_bytes")),
+            "CUDA alloc": fmt_bytes(r.get("peak_alloc_bytes")), "NVML": fmt_bytes(r.get("nvml_peak_bytes")),
+            "FLOPs": fmt_flops(r.get("flops")),
+        }
+        table.add_row(*[cells[name] for name, _, _ in columns])
+    return table
+
+
+def estimate_table(rows: Iterable) -> Table:
+    table = Table(title="predicted peak memory of one call (fake tensors; inputs not included)")
+    for col, just in (("mechanism", "left"), ("knobs", "left"), ("N", "right"), ("predicted peak", "right"),
+                      ("params", "right"), ("FLOPs", "right"), ("status", "left")):
+        table.add_column(col, justify=just)
+    for r in rows:
+        status = str(r.get("status") or "")
+        table.add_row(r.get("mechanism"), _knobs_of(r), f"{r.get('n'):,}", fmt_bytes(r.get("predicted_bytes")),
+                      fmt_bytes(r.get("param_bytes")), fmt_flops(r.get("flops")),
+                      styled(status) + (f" {r.get('error')[:60]}" if r.get("error") else ""))
+    return table
+
+
+def registry_table() -> Table:
+    table = Table(title="effbench mechanisms")
+    for col in ("name", "family", "complexity", "memory", "knobs (default, sweep axis)", "causal", "bidir"):
+        table.add_column(col)
+    for spec in mechanisms.REGISTRY.values():
+        table.add_row(spec.name, spec.family, spec.complexity, spec.memory_complexity or "—",
+                      ", ".join(k.describe() for k in spec.knobs) or "—",
+                      "yes" if spec.supports_causal else "no", "yes" if spec.supports_bidirectional else "no")
+    return table
+
+
+# ------------------------------------------------------------------------------ verify
+
+def _e(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None or x != x else f"{x:.{digits}e}"
+
+
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def summary_line(report) -> str:
+    """One line naming each failing mechanism with its worst error and tolerance."""
+    failing = report.failing()
+    if not failing:
+        return (f"all {len(report.mechanisms)} mechanism(s) pass (n={report.n}, {report.dtype}, "
+                f"{report.device}, seed {report.seed})")
+    parts = []
+    for name, bad in failing.items():
+        r = next((b for b in bad if b.check.startswith("impl")), bad[0])
+        what = r.check + (f" {r.mode}" if r.mode else "")
+        if r.check == "trend":
+            parts.append(f"{name} ({what}: {r.trend} in {r.knob}, got {_g(r.error_rel)}, expected {r.expected})")
+        elif r.max_abs_err is not None and r.tolerance is not None:
+            parts.append(f"{name} ({what}: max abs error {r.max_abs_err:.2e} > tolerance {r.tolerance:.1e})")
+        else:
+            parts.append(f"{name} ({what}: {r.reason}" + (f"; tolerance {r.tolerance:.1e})" if r.tolerance else ")"))
+    return f"verify failed for {len(failing)} of {len(report.mechanisms)} mechanism(s): " + "; ".join(parts)
+
+
+def _sweep_cells(group) -> tuple[str, str, str]:
+    """(detail, error, result) of one fidelity sweep folded into one table line."""
+    r = group[0]
+    ran = [g for g in group if g.error_rel is not None]
+    skipped = [g for g in group if g.passed is None]
+    failed = [g for g in group if g.passed is False]
+    detail = f"{r.mode}; {r.knob} = {', '.join(str(g.knob_value) for g in ran) or '—'}; rel err ‖o−dense‖/‖v‖ (cos)"
+    if skipped:
+        detail += f"; {len(skipped)} skipped: {skipped[0].reason[:80]}"
+    if failed:
+        detail += f"; {failed[0].reason}"
+    err = " → ".join(f"{g.error_rel:.3g} ({g.cosine:.3f})" for g in ran) or "—"
+    result = "fail" if failed else ("pass" if ran else "skip")
+    return detail, err, result
+
+
+def _check_error(r) -> str:
+    if r.check == "fidelity":
+        err = f"{r.error_rel:.3g} (cos {r.cosine:.3f})" if r.error_rel is not None else "—"
+        return err + (f"; max abs {_e(r.max_abs_err)}" if r.max_abs_err is not None and r.tolerance is not None else "")
+    if r.check == "trend":
+        if r.trend == "equals_dense_at" and r.max_abs_err is not None:
+            return f"max abs {_e(r.max_abs_err)}"
+        if r.trend == "ratio_per_4x" and r.error_rel is not None:
+            return f"×{r.error_rel:.2f}"
+        return f"last/first {_g(r.error_rel)}" if r.error_rel is not None else "—"
+    return f"{_e(r.max_abs_err)} (rel {_e(r.error_rel)})" if r.max_abs_err is not None else "—"
+
+
+def verify_table(report) -> Table:
+    """A rich table, fidelity sweeps folded into one line each."""
+    table = Table(title=f"effbench verify: n={report.n}, {report.dtype}, {report.device}, seed {report.seed}")
+    for col, just in (("mechanism", "left"), ("check", "left"), ("detail (causal / knobs)", "left"),
+                      ("error", "right"), ("tolerance", "right"), ("result", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    rows, i, last = report.rows, 0, None
+    while i < len(rows):
+        r = rows[i]
+        if last is not None and r.mechanism != last:
+            table.add_section()
+        mech = r.mechanism if r.mechanism != last else ""
+        last = r.mechanism
+        if r.check == "fidelity" and r.knob:
+            j = i
+            while j < len(rows) and rows[j].check == "fidelity" and rows[j].mechanism == r.mechanism \
+                    and rows[j].causal == r.causal and rows[j].knob == r.knob:
+                j += 1
+            detail, err, result = _sweep_cells(rows[i:j])
+            table.add_row(mech, "fidelity", detail, err, _e(r.tolerance), styled(result.upper() if result == "fail" else result, result))
+            i = j
+            continue
+        result = r.result
+        table.add_row(mech, r.check, r.detail, _check_error(r), _e(r.tolerance),
+                      styled(result.upper() if result == "fail" else result, result))
+        i += 1
+    return table
+
+
+def print_verify(report, out: Console) -> None:
+    out.print(verify_table(report))
+    style = "green" if report.passed else "bold red"
+    out.print(f"[{style}]{summary_line(report)}[/]", highlight=False, soft_wrap=True)
