@@ -1,5 +1,8 @@
 """The row schema and the results file: one CSV row per case, appended and flushed one by one.
 
+A row is typed: :class:`CaseResult` holds exactly the result columns (what the runner measured) and
+:class:`Row` the case columns, the mechanism's knob values and that result; neither takes an unknown field.
+
 Bytes are stored raw (MiB/GiB only for display). A JSON sidecar beside the CSV
 (``results.csv`` -> ``results.json``) records, for every sweep that wrote to it, the
 environment and the command line; rows point to it through ``run_id``.
@@ -15,21 +18,14 @@ import csv
 import io
 import json
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-STATUSES = ("ok", "oom", "predicted_oom", "timeout", "killed", "error", "skipped")
+from .status import Status
 
-CASE_COLUMNS = ["case_key", "mechanism", "family", "n", "batch", "heads", "head_dim", "dtype", "device",
-                "mode", "causal", "seed"]
-RESULT_COLUMNS = [
-    "status", "time_ms_median", "time_ms_iqr", "repeats", "timer",
-    "peak_alloc_bytes", "peak_reserved_bytes", "nvml_peak_bytes", "nvml_process_peak_bytes",
-    "peak_tensor_bytes", "rss_peak_bytes", "predicted_bytes", "param_bytes",
-    "flops", "flops_source", "build_ms", "build_info", "readings", "error", "run_id",
-]
 INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "repeats", "peak_alloc_bytes", "peak_reserved_bytes",
                "nvml_peak_bytes", "nvml_process_peak_bytes", "peak_tensor_bytes", "rss_peak_bytes",
                "predicted_bytes", "param_bytes", "flops"]
@@ -37,6 +33,115 @@ INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "repeats", "peak_alloc
 
 class ResultsError(ValueError):
     """A results file that is missing, unreadable or not an effbench CSV."""
+
+
+# ------------------------------------------------------------------------ records
+
+@dataclass(slots=True)
+class CaseResult:
+    """What one case produced: exactly the result columns of a row. Setting an unknown attribute raises
+    (slots) and so does ``update`` with an unknown name, so no reading silently disappears on its way to the file."""
+
+    status: Status | None = None
+    time_ms_median: float | None = None
+    time_ms_iqr: float | None = None
+    repeats: int | None = None
+    timer: str | None = None
+    peak_alloc_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    nvml_peak_bytes: int | None = None
+    nvml_process_peak_bytes: int | None = None
+    peak_tensor_bytes: int | None = None
+    rss_peak_bytes: int | None = None
+    predicted_bytes: int | None = None
+    param_bytes: int | None = None
+    flops: int | None = None
+    flops_source: str | None = None
+    build_ms: float | None = None
+    wall_s: float | None = None  # the case's wall time in its child, seconds (the fork server's start-up excluded)
+    build_info: str | None = None
+    readings: str | None = None
+    error: str | None = None
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is not None:
+            self.status = Status.parse(self.status)
+
+    def update(self, values: Mapping[str, Any] | None = None, /, **more: Any) -> None:
+        """Set result fields by name; an unknown name raises ResultsError and nothing is set."""
+        given = {**(values or {}), **more}
+        check_result_fields(given)
+        for name, value in given.items():
+            setattr(self, name, Status.parse(value) if name == "status" and value is not None else value)
+
+
+RESULT_COLUMNS = [f.name for f in fields(CaseResult)]
+
+
+def check_result_fields(names: Iterable[str]) -> None:
+    """Raise ResultsError naming those of ``names`` that are not result columns."""
+    unknown = sorted(set(names) - set(RESULT_COLUMNS))
+    if unknown:
+        raise ResultsError(f"not result columns: {', '.join(unknown)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row: the case columns (as attributes), the mechanism's knob values and its :class:`CaseResult`.
+
+    ``get(column)`` reads any column (a knob this mechanism lacks is ``default``); ``row[column]`` the same but
+    raises KeyError for a column the row lacks; ``as_csv()`` is what the writer appends. A knob named like a
+    case or result column is refused.
+    """
+
+    case_key: str
+    mechanism: str
+    family: str
+    n: int
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    device: str
+    mode: str
+    causal: bool
+    seed: int
+    knobs: Mapping[str, Any]
+    result: CaseResult
+
+    def __post_init__(self) -> None:
+        clash = sorted(set(self.knobs) & (_CASE_SET | _RESULT_SET))
+        if clash:
+            raise ResultsError(f"knob names clash with row columns: {', '.join(clash)}")
+
+    @property
+    def status(self) -> Status | None:
+        return self.result.status
+
+    def get(self, column: str, default: Any = None) -> Any:
+        if column in _CASE_SET:
+            return getattr(self, column)
+        if column in _RESULT_SET:
+            return getattr(self.result, column)
+        return self.knobs.get(column, default)
+
+    def __getitem__(self, column: str) -> Any:
+        if column in _CASE_SET or column in _RESULT_SET or column in self.knobs:
+            return self.get(column)
+        raise KeyError(column)
+
+    def as_csv(self) -> dict[str, Any]:
+        """Column -> value: the case columns, the knobs, the result columns."""
+        return {**{c: getattr(self, c) for c in CASE_COLUMNS}, **self.knobs,
+                **{c: getattr(self.result, c) for c in RESULT_COLUMNS}}
+
+
+CASE_COLUMNS = [f.name for f in fields(Row) if f.name not in ("knobs", "result")]
+_CASE_SET, _RESULT_SET = frozenset(CASE_COLUMNS), frozenset(RESULT_COLUMNS)
+
+
+# ---------------------------------------------------------------------- the file
 
 
 def knob_columns(extra: Iterable[str] = ()) -> list[str]:
@@ -118,9 +223,9 @@ class ResultsWriter:
             missing = [c for c in wanted if c not in header]
             self.columns = header + missing
             if missing:
-                self._widen(header)
+                self._widen()
 
-    def _widen(self, old: list[str]) -> None:
+    def _widen(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(self.path, newline="") as src, open(tmp, "w", newline="") as dst:
             reader = csv.reader(src)
@@ -132,11 +237,13 @@ class ResultsWriter:
             os.fsync(dst.fileno())
         os.replace(tmp, self.path)
 
-    def append(self, row: Mapping[str, Any]) -> None:
-        unknown = set(row) - set(self.columns)
+    def append(self, row: Row | Mapping[str, Any]) -> None:
+        """Append one row (a :class:`Row`, or a mapping column -> value for rows made by hand)."""
+        values = row.as_csv() if isinstance(row, Row) else dict(row)
+        unknown = set(values) - set(self.columns)
         if unknown:
             raise ResultsError(f"row has columns the file lacks: {', '.join(sorted(unknown))}")
-        line = _line([row.get(c) for c in self.columns])
+        line = _line([values.get(c) for c in self.columns])
         with open(self.path, "a", newline="") as fh:
             fh.write(line)
             fh.flush()
@@ -168,6 +275,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(io.StringIO(text), dtype={"case_key": str, "error": str, "build_info": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} could not be parsed as CSV: {exc}") from None
+    _check_statuses(df, path)
     if "causal" in df:
         df["causal"] = df["causal"].map(lambda v: str(v).lower() == "true")
     for col in INT_COLUMNS:
@@ -175,6 +283,15 @@ def read_results(path: str | Path) -> pd.DataFrame:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     _type_knob_columns(df)
     return df
+
+
+def _check_statuses(df: pd.DataFrame, path: Path) -> None:
+    """Every status is a :class:`Status` value (kept as its text, which compares equal to the member)."""
+    try:
+        for value in df["status"].dropna().unique():
+            Status.parse(value)
+    except ValueError as exc:
+        raise ResultsError(f"{path}: {exc}") from None
 
 
 def _type_knob_columns(df: pd.DataFrame) -> None:
@@ -205,14 +322,15 @@ def done_keys(path: str | Path) -> set[str]:
     return set(done_statuses(path))
 
 
-def done_statuses(path: str | Path) -> dict[str, str]:
+def done_statuses(path: str | Path) -> dict[str, Status | None]:
     """Case key -> status of the rows already in a results file (``--resume`` skips them and rebuilds the
     OOM frontier from their ``oom``/``killed`` rows)."""
     path = Path(path)
     if not path.exists() or _read_header(path) is None:
         return {}
     df = read_results(path).dropna(subset=["case_key"])
-    return dict(zip(df["case_key"].astype(str), df["status"].astype(str)))
+    return {str(key): Status.parse(status) if pd.notna(status) else None
+            for key, status in zip(df["case_key"], df["status"])}
 
 
 def append_run(path: str | Path, run: Mapping[str, Any]) -> None:

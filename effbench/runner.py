@@ -1,11 +1,11 @@
-"""Run one case in an isolated child process and turn whatever happens into a row.
+"""Run one case in an isolated child process and turn whatever happens into a :class:`CaseResult`.
 
 Everything that executes a mechanism's code — the support check, the build, the
 memory prediction, timing, the memory passes and FLOP counting — runs in a child
 started from a fork server (torch imported once, forked clean for each case). The
-child reports each stage's readings as it finishes them, so a case that later times
-out, runs out of memory or is killed still keeps what it measured. The parent only
-waits, with a timeout, and classifies:
+child reports each stage's readings (result columns only) as it finishes them, so a
+case that later times out, runs out of memory or is killed still keeps what it measured.
+The parent only waits, with a timeout, and classifies (a :class:`Status`):
 
 - ``ok``: every pass finished;
 - ``skipped``: ``spec.unsupported(case)`` gave reasons (in ``error``);
@@ -21,14 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import signal
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from . import plugins, workload
 from .cases import Case
+from .devices import is_cuda
+from .errors import one_line
+from .measure import flops as flop_counter
+from .measure import memory, timing
+from .results import CaseResult, check_result_fields
+from .status import Status
+
+Report = Callable[[dict[str, Any]], None]  # the child's way to send fields to the parent as it measures them
 
 _CTX: Any = None
 STARTUP_LIMIT_S = 120.0
@@ -68,155 +78,182 @@ def _context():
 
 # ------------------------------------------------------------------------ child side
 
-def _one_line(exc: BaseException) -> str:
-    msg = " ".join(str(exc).split())
-    if len(msg) > 300:
-        msg = msg[:297] + "..."
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+@dataclass
+class Prediction:
+    """A case's fake-tensor prediction. ``input_bytes`` (inputs and parameters, for the budget check) and ``flops``
+    ((count, uncounted ops), reused as the real count) stay inside the child; only the result columns are reported."""
+
+    predicted_bytes: int | None = None
+    param_bytes: int | None = None
+    input_bytes: int = 0
+    flops: tuple[int, list[str]] | None = None
+    error: str | None = None  # why there is no prediction (the case is then measured for real)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda:<current>`` or ``cpu``; bare ``cuda`` -> ``cuda:<current>``, so one GPU has one name
-    (and one case key) however it was asked for."""
-    import torch
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
-    return device
-
-
-def predict(case: Case) -> dict[str, Any]:
+def predict(case: Case) -> Prediction:
     """Predicted peak bytes (and FLOPs) of one call, on fake tensors: nothing of size N is allocated.
 
     The module is built for real (its parameters are small), the inputs are fake
     tensors; the storage tracker and FlopCounterMode both work on fake tensors, so the
-    prediction reads the same quantities as the real passes. ``input_bytes`` (inputs
-    and parameters) is reported beside it for the budget check.
+    prediction reads the same quantities as the real passes. One untracked warm call comes
+    first, as the real passes measure a warm call.
     """
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .measure.flops import count_flops
-    from .measure.memory import tracked_peak
-    from .workload import build_module, make_call, param_bytes
-
-    out: dict[str, Any] = {}
-    module, _ = build_module(case)
-    out["param_bytes"] = param_bytes(module)
+    module, _ = workload.build_module(case)
+    params = workload.param_bytes(module)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        inputs, call = make_call(case, module)
-        peak, _ = tracked_peak(call)
-        out["predicted_bytes"] = int(peak)
-        out["input_bytes"] = int(sum(t.untyped_storage().nbytes() for t in inputs)) + out["param_bytes"]
+        inputs, call = workload.make_call(case, module)
+        input_bytes = int(sum(t.untyped_storage().nbytes() for t in inputs)) + params
+        call()  # warm, as the real passes measure a warm call: lazily built state is not part of the peak
+        peak, _ = memory.tracked_peak(call)
         try:
-            out["fake_flops"] = count_flops(call)
+            counted = flop_counter.count_flops(call)
         except Exception:  # FLOPs are counted for real later
-            pass
-    return out
+            counted = None
+    return Prediction(predicted_bytes=int(peak), param_bytes=params, input_bytes=input_bytes, flops=counted)
 
 
-def _measure(case: Case, opts: RunOptions, report) -> None:
-    import torch
+class _Readings:
+    """Which readings the row has (``predicted+time+tracker+...``), reported again as each one is taken."""
 
-    from .measure.flops import count_flops
-    from .measure.memory import NvmlSampler, cuda_pass, cuda_uuid, load_nvml, rss_pass, tracked_peak
-    from .measure.timing import time_cpu, time_cuda
-    from .plugins import load_plugins
-    from .workload import prepare
+    def __init__(self, report: Report):
+        self.report = report
+        self.names: list[str] = []
 
-    load_plugins(opts.plugins)
+    def took(self, *names: str) -> None:
+        self.names.extend(names)
+        self.report({"readings": "+".join(self.names)})
+
+
+def _measure(case: Case, opts: RunOptions, report: Report) -> None:
+    """The child's stages, in order; each reports its fields as it finishes (a later failure keeps them)."""
+    plugins.load_plugins(opts.plugins)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     spec = case.spec()
-    reasons = spec.unsupported(case)
-    if reasons:
-        report({"status": "skipped", "error": "; ".join(reasons)})
+    if not _supported(spec, case, report):
         return
-    on_cuda = case.device.startswith("cuda")
-    if on_cuda and torch.device(case.device).index is not None:
+    if is_cuda(case.device) and torch.device(case.device).index is not None:
         # CUDA events record on the current device's stream and empty_cache acts on the current device:
         # make the case's device current (this child runs nothing else).
         torch.cuda.set_device(torch.device(case.device))
+    readings = _Readings(report)
     fake_flops = None
-    readings: list[str] = []
-
-    def took(*names: str) -> None:  # which readings this row has, said plainly in the row
-        readings.extend(names)
-        report({"readings": "+".join(readings)})
-
     if opts.predict or opts.predict_only:
-        try:
-            pred = predict(case)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # a mechanism whose ops have no fake/meta kernel: measure it for real
-            pred = {"predict_error": _one_line(exc)}
-        fake_flops = pred.pop("fake_flops", None)
-        report({k: v for k, v in pred.items() if k in ("predicted_bytes", "param_bytes")})
-        if "predicted_bytes" in pred:
-            took("predicted")
+        pred = _predict_stage(case, report, readings)
         if opts.predict_only:
-            report({"status": "ok" if "predicted_bytes" in pred else "error",
-                    "error": pred.get("predict_error")})
-            if fake_flops is not None:
-                report(_flops_fields(spec, case, *fake_flops))
+            _report_prediction(spec, case, pred, report)
             return
-        need = pred.get("predicted_bytes")
-        if need is not None and opts.mem_budget is not None and need + pred["input_bytes"] > opts.mem_budget:
-            report({"status": "predicted_oom",
-                    "error": f"predicted {need + pred['input_bytes']} bytes (call {need} + inputs/params "
-                             f"{pred['input_bytes']}) > budget {opts.mem_budget}"})
+        over = _over_budget(pred, opts.mem_budget)
+        if over:
+            report({"status": Status.PREDICTED_OOM, "error": over})
             return
-
-    w = prepare(case)
-    report({"build_ms": round(w.build_ms, 3), "param_bytes": w.param_bytes,
-            "build_info": "; ".join(f"{k}={v}" for k, v in w.info.items()) or None})
-
+        fake_flops = pred.flops
+    w = _build_stage(case, report)
     if opts.time:
-        if on_cuda:
-            t = time_cuda(w.call, warmup=opts.warmup, repeats=opts.repeats, min_time=opts.min_time,
-                          device=torch.device(case.device))
-        else:
-            t = time_cpu(w.call, warmup=opts.warmup, repeats=opts.repeats, min_time=opts.min_time)
-        report({"time_ms_median": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer})
-        took("time")
+        _time_stage(case, opts, w, report, readings)
     elif opts.memory:
         w.call()  # warm: lazily built state is not part of the peak
-
     if opts.memory:
-        peak, _ = tracked_peak(w.call)
-        report({"peak_tensor_bytes": int(peak)})
-        took("tracker")
-        if on_cuda:
-            dev = torch.device(case.device)
-            nvml = load_nvml()
-            sampler = (NvmlSampler(nvml, index=torch.cuda.current_device() if dev.index is None else dev.index,
-                                   uuid=cuda_uuid(dev)) if nvml is not None else None)
-            try:
-                reading, _ = cuda_pass(w.call, dev, sampler=sampler)  # the sampler starts after empty_cache
-            finally:
-                if nvml is not None:
-                    with contextlib.suppress(Exception):
-                        nvml.nvmlShutdown()
-            # an NVML failure mid-pass leaves a partial reading: it is not reported as a peak
-            nvml_ok = sampler is not None and sampler.peak_bytes is not None and sampler.error is None
-            report({"peak_alloc_bytes": reading.peak_alloc_bytes, "peak_reserved_bytes": reading.peak_reserved_bytes,
-                    "nvml_peak_bytes": sampler.peak_bytes if nvml_ok else None,
-                    "nvml_process_peak_bytes": sampler.process_peak if nvml_ok else None})
-            took("cuda-allocator", *(["nvml"] if nvml_ok else []))
-        else:
-            rss, _ = rss_pass(w.call)
-            report({"rss_peak_bytes": rss})
-            if rss is not None:
-                took("rss")
-
+        _memory_stage(case, w, report, readings)
     if opts.measure_flops:
-        # FlopCounterMode counts from shapes, so the count made on fake tensors is the count; else count for real.
-        flops, missing = fake_flops if fake_flops is not None else count_flops(w.call)
-        report(_flops_fields(spec, case, flops, missing))
-        took("flops")
-    report({"status": "ok"})
+        _flops_stage(spec, case, w, fake_flops, report, readings)
+    report({"status": Status.OK})
+
+
+def _supported(spec, case: Case, report: Report) -> bool:
+    """The mechanism's own check; a case it cannot run ends here as ``skipped``, its reasons in ``error``."""
+    reasons = spec.unsupported(case)
+    if reasons:
+        report({"status": Status.SKIPPED, "error": "; ".join(reasons)})
+    return not reasons
+
+
+def _predict_stage(case: Case, report: Report, readings: _Readings) -> Prediction:
+    """Predict on fake tensors and report it; a mechanism whose ops have no fake/meta kernel is measured for real."""
+    try:
+        pred = predict(case)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        pred = Prediction(error=one_line(exc))
+    report({k: v for k, v in (("predicted_bytes", pred.predicted_bytes), ("param_bytes", pred.param_bytes))
+            if v is not None})
+    if pred.predicted_bytes is not None:
+        readings.took("predicted")
+    return pred
+
+
+def _report_prediction(spec, case: Case, pred: Prediction, report: Report) -> None:
+    """The end of a prediction-only case (``effbench estimate``): its status and the FLOPs counted on fake tensors."""
+    report({"status": Status.OK if pred.predicted_bytes is not None else Status.ERROR, "error": pred.error})
+    if pred.flops is not None:
+        report(_flops_fields(spec, case, *pred.flops))
+
+
+def _over_budget(pred: Prediction, budget: int | None) -> str | None:
+    """Why the predicted call plus its inputs and parameters do not fit ``budget``; None when they do (or unknown)."""
+    need = pred.predicted_bytes
+    if need is None or budget is None or need + pred.input_bytes <= budget:
+        return None
+    return (f"predicted {need + pred.input_bytes} bytes (call {need} + inputs/params {pred.input_bytes}) "
+            f"> budget {budget}")
+
+
+def _build_stage(case: Case, report: Report) -> workload.Workload:
+    w = workload.prepare(case)
+    report({"build_ms": round(w.build_ms, 3), "param_bytes": w.param_bytes,
+            "build_info": "; ".join(f"{k}={v}" for k, v in w.info.items()) or None})
+    return w
+
+
+def _time_stage(case: Case, opts: RunOptions, w: workload.Workload, report: Report, readings: _Readings) -> None:
+    if is_cuda(case.device):
+        t = timing.time_cuda(w.call, warmup=opts.warmup, repeats=opts.repeats, min_time=opts.min_time,
+                             device=torch.device(case.device))
+    else:
+        t = timing.time_cpu(w.call, warmup=opts.warmup, repeats=opts.repeats, min_time=opts.min_time)
+    report({"time_ms_median": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer})
+    readings.took("time")
+
+
+def _memory_stage(case: Case, w: workload.Workload, report: Report, readings: _Readings) -> None:
+    """The tracker pass, then the CUDA allocator + NVML pass on a GPU, or the RSS pass on the CPU."""
+    peak, _ = memory.tracked_peak(w.call)
+    report({"peak_tensor_bytes": int(peak)})
+    readings.took("tracker")
+    if is_cuda(case.device):
+        _cuda_memory_stage(torch.device(case.device), w, report, readings)
+    else:
+        rss, _ = memory.rss_pass(w.call)
+        report({"rss_peak_bytes": rss})
+        if rss is not None:
+            readings.took("rss")
+
+
+def _cuda_memory_stage(dev: torch.device, w: workload.Workload, report: Report, readings: _Readings) -> None:
+    nvml = memory.load_nvml()
+    sampler = (memory.NvmlSampler(nvml, index=torch.cuda.current_device() if dev.index is None else dev.index,
+                                  uuid=memory.cuda_uuid(dev)) if nvml is not None else None)
+    try:
+        reading, _ = memory.cuda_pass(w.call, dev, sampler=sampler)  # the sampler starts after empty_cache
+    finally:
+        if nvml is not None:
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()
+    # an NVML failure mid-pass leaves a partial reading: it is not reported as a peak
+    nvml_ok = sampler is not None and sampler.peak_bytes is not None and sampler.error is None
+    report({"peak_alloc_bytes": reading.peak_alloc_bytes, "peak_reserved_bytes": reading.peak_reserved_bytes,
+            "nvml_peak_bytes": sampler.peak_bytes if nvml_ok else None,
+            "nvml_process_peak_bytes": sampler.process_peak if nvml_ok else None})
+    readings.took("cuda-allocator", *(["nvml"] if nvml_ok else []))
+
+
+def _flops_stage(spec, case: Case, w: workload.Workload, fake_flops: tuple[int, list[str]] | None, report: Report,
+                 readings: _Readings) -> None:
+    # FlopCounterMode counts from shapes, so the count made on fake tensors is the count; else count for real.
+    flops, missing = fake_flops if fake_flops is not None else flop_counter.count_flops(w.call)
+    report(_flops_fields(spec, case, flops, missing))
+    readings.took("flops")
 
 
 def _flops_fields(spec, case: Case, flops: int, missing: list[str]) -> dict[str, Any]:
@@ -240,79 +277,98 @@ def is_cpu_alloc_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and CPU_ALLOC_FAILURE in str(exc)
 
 
-def _child(conn, case: Case, opts: RunOptions) -> None:
-    import torch
+def _run_stages(case: Case, opts: RunOptions, report: Report) -> None:
+    """:func:`_measure`, with any exception it raises reported as the case's status and one-line error."""
+    try:
+        _measure(case, opts, report)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        report({"status": Status.OOM, "error": one_line(exc)})
+    except Exception as exc:
+        report({"status": Status.OOM if is_cpu_alloc_failure(exc) else Status.ERROR, "error": one_line(exc)})
 
+
+def _child(conn, case: Case, opts: RunOptions) -> None:
     def report(fields: dict[str, Any]) -> None:
+        check_result_fields(fields)  # an unknown field fails the case here, by name, rather than vanishing later
         conn.send(("part", fields))
 
     conn.send(("started", None))
     try:
-        _measure(case, opts, report)
-    except torch.OutOfMemoryError as exc:
-        report({"status": "oom", "error": _one_line(exc)})
-    except MemoryError as exc:
-        report({"status": "oom", "error": _one_line(exc) or "MemoryError"})
-    except Exception as exc:
-        report({"status": "oom" if is_cpu_alloc_failure(exc) else "error", "error": _one_line(exc)})
+        _run_stages(case, opts, report)
     finally:
         conn.send(("done", None))
         conn.close()
 
 
+def measure_in_process(case: Case, opts: RunOptions) -> CaseResult:
+    """The child's stages run in this process, exceptions classified as in the child: no isolation, no timeout
+    (a case that hangs or is killed takes the caller with it). For tests and debugging; sweeps use :func:`run_case`."""
+    result = CaseResult()
+    _run_stages(case, opts, result.update)  # every stage path ends with a status
+    return result
+
+
 # ----------------------------------------------------------------------- parent side
 
-def run_case(case: Case, opts: RunOptions) -> dict[str, Any]:
-    """Run ``case`` in a child process; always returns a result dict with a ``status``."""
+def run_case(case: Case, opts: RunOptions) -> CaseResult:
+    """Run ``case`` in a child process; always returns a result with a ``status``."""
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, case, opts), daemon=True)
-    started = time.monotonic()
     proc.start()
     child.close()
-    # The clock starts when the child says it is running, so the fork server's one-time
-    # start-up (importing torch) is never charged to a case; start-up itself is capped.
+    result = CaseResult()
+    try:
+        outcome, started = _collect(parent, proc, opts, result)
+        if outcome == "timeout":
+            proc.kill()
+            proc.join(5)
+            result.update(status=Status.TIMEOUT, error=f"no result after the {opts.timeout:g} s timeout; child killed")
+        else:
+            proc.join(5)
+            if outcome != "done" or result.status is None:
+                result.update(_exit_fields(proc.exitcode))
+    finally:
+        parent.close()
+    result.wall_s = round(time.monotonic() - started, 3)
+    return result
+
+
+def _collect(parent, proc, opts: RunOptions, result: CaseResult) -> tuple[str, float]:
+    """Read the child's reports into ``result`` until it is ``done``, hits the ``timeout`` or is ``gone``;
+    returns that outcome and when the child started.
+
+    The clock starts when the child says it is running, so the fork server's one-time start-up (importing
+    torch) is never charged to a case; start-up itself is capped at ``STARTUP_LIMIT_S``."""
+    started = time.monotonic()
     limit = max(STARTUP_LIMIT_S, opts.timeout)
-    result: dict[str, Any] = {}
-    finished = timed_out = False
-    while not finished:
+    while True:
         left = limit - (time.monotonic() - started)
         if left <= 0:
-            timed_out = True
-            break
+            return "timeout", started
         try:
             if not parent.poll(min(left, 0.25)):
                 if not proc.is_alive() and not parent.poll(0):
-                    break  # died without saying more
+                    return "gone", started  # died without saying more
                 continue
             kind, fields = parent.recv()
         except (EOFError, OSError):
-            break
+            return "gone", started
         if kind == "started":
             started, limit = time.monotonic(), opts.timeout
         elif kind == "done":
-            finished = True
+            return "done", started
         else:
             result.update(fields)
-    if timed_out:
-        proc.kill()
-        proc.join(5)
-        result["status"] = "timeout"
-        result["error"] = f"no result after the {opts.timeout:g} s timeout; child killed"
-    else:
-        proc.join(5)
-        code = proc.exitcode
-        if not finished or result.get("status") is None:
-            if code is not None and code < 0:
-                try:
-                    name = signal.Signals(-code).name
-                except ValueError:
-                    name = f"signal {-code}"
-                result["status"] = "killed"
-                result["error"] = f"child killed by {name}" + (" (the OS OOM killer sends SIGKILL)" if -code == signal.SIGKILL else "")
-            else:
-                result["status"] = "error"
-                result["error"] = f"child exited with code {code} without a result"
-    parent.close()
-    result["wall_s"] = time.monotonic() - started
-    return result
+
+
+def _exit_fields(code: int | None) -> dict[str, Any]:
+    """Status and error of a child that ended without a status: killed by a signal, or exited."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom_hint = " (the OS OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
+        return {"status": Status.KILLED, "error": f"child killed by {name}{oom_hint}"}
+    return {"status": Status.ERROR, "error": f"child exited with code {code} without a result"}

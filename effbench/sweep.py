@@ -8,6 +8,7 @@ whose key is already in the file are not run again, and no finished row is rewri
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,49 +16,50 @@ from typing import Any, Callable, Iterable
 
 from . import results
 from .cases import Case
+from .results import CaseResult, Row
 from .runner import RunOptions, run_case
+from .status import OUT_OF_MEMORY, Status
 
+
+def make_row(case: Case, result: CaseResult) -> Row:
+    """The row of ``case``: its case columns, the mechanism's own knob values (defaults filled in), ``result``."""
+    spec = case.spec()
+    return Row(case_key=case.key, mechanism=case.mechanism, family=spec.family, n=case.n, batch=case.batch,
+               heads=case.heads, head_dim=case.head_dim, dtype=case.dtype, device=case.device, mode=case.mode,
+               causal=case.causal, seed=case.seed, knobs=spec.resolve_knobs(case.knob_dict), result=result)
 
 
 def case_row(case: Case) -> dict[str, Any]:
-    """The case columns of a row (knob columns filled only for the mechanism's own knobs)."""
-    spec = case.spec()
-    row: dict[str, Any] = {
-        "case_key": case.key, "mechanism": case.mechanism, "family": spec.family, "n": case.n,
-        "batch": case.batch, "heads": case.heads, "head_dim": case.head_dim, "dtype": case.dtype,
-        "device": case.device, "mode": case.mode, "causal": case.causal, "seed": case.seed,
-    }
-    row.update(spec.resolve_knobs(case.knob_dict))
-    return row
+    """The case and knob columns of ``case``'s row as a plain mapping, for rows written by hand (synthetic data)."""
+    row = make_row(case, CaseResult())
+    return {**{c: row.get(c) for c in results.CASE_COLUMNS}, **row.knobs}
 
 
 @dataclass
 class SweepReport:
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     resumed: int = 0
     run_id: str = ""
 
 
-def _extend_frontier(frontier: dict[tuple, tuple[int, str]], case: Case, status: str | None) -> None:
+def _extend_frontier(frontier: dict[tuple, tuple[int, Status]], case: Case, status: Status | None) -> None:
     """Remember the first (smallest) N of a configuration that ran out of memory; larger N are not run."""
-    if status in ("oom", "killed"):
+    if status in OUT_OF_MEMORY:
         frontier.setdefault(case.config, (case.n, status))
 
 
 def run_sweep(cases: Iterable[Case], opts: RunOptions, out: str | Path, *, resume: bool = False,
               run_info: dict[str, Any] | None = None,
               on_start: Callable[[Case], None] | None = None,
-              on_row: Callable[[Case, dict[str, Any]], None] | None = None,
-              runner: Callable[[Case, RunOptions], dict[str, Any]] = run_case) -> SweepReport:
+              on_row: Callable[[Case, Row], None] | None = None,
+              runner: Callable[[Case, RunOptions], CaseResult] = run_case) -> SweepReport:
     """Run ``cases`` (sorted by configuration, then N) and append a row per case to ``out``."""
     cases = sorted(dict.fromkeys(cases), key=lambda c: (repr(c.config), c.n))
-    extra_knobs = {k for c in cases for k, _ in c.knobs}
-    writer = results.ResultsWriter(out, extra_knobs=extra_knobs)
+    writer = results.ResultsWriter(out, extra_knobs={k for c in cases for k, _ in c.knobs})
     report = SweepReport(run_id=uuid.uuid4().hex[:12])
     done = results.done_statuses(out) if resume else {}
-    results.append_run(out, {"run_id": report.run_id, **(run_info or {}),
-                             "options": {k: v for k, v in opts.__dict__.items()}})
-    frontier: dict[tuple, tuple[int, str]] = {}
+    results.append_run(out, {"run_id": report.run_id, **(run_info or {}), "options": dict(opts.__dict__)})
+    frontier: dict[tuple, tuple[int, Status]] = {}
     for case in cases:
         if case.key in done:
             report.resumed += 1
@@ -67,14 +69,12 @@ def run_sweep(cases: Iterable[Case], opts: RunOptions, out: str | Path, *, resum
             on_start(case)
         blocked = frontier.get(case.config)
         if blocked is not None and case.n > blocked[0]:
-            result = {"status": "predicted_oom",
-                      "error": f"not run: {blocked[1]} at n={blocked[0]} (OOM frontier)"}
+            result = CaseResult(status=Status.PREDICTED_OOM,
+                                error=f"not run: {blocked[1]} at n={blocked[0]} (OOM frontier)")
         else:
             result = runner(case, opts)
-        _extend_frontier(frontier, case, result.get("status"))
-        row = case_row(case)
-        row.update({k: v for k, v in result.items() if k in writer.columns})
-        row["run_id"] = report.run_id
+        _extend_frontier(frontier, case, result.status)
+        row = make_row(case, dataclasses.replace(result, run_id=report.run_id))
         writer.append(row)
         report.rows.append(row)
         if on_row:

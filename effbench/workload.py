@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from .cases import Case
+
+if TYPE_CHECKING:
+    from mechanisms import MechanismSpec
 
 
 @dataclass
@@ -26,12 +29,19 @@ class Workload:
     info: dict = field(default_factory=dict)
 
 
+def build_on(spec: MechanismSpec, *, head_dim: int, heads: int, n: int, causal: bool, seed: int,
+             knobs: Mapping[str, Any], device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The mechanism ``spec`` built for these sizes (random state drawn from ``seed``), moved to ``device``/``dtype``:
+    the one way a module is built, for the runner (through :func:`build_module`) and for verify."""
+    module = spec.build(head_dim=head_dim, heads=heads, n=n, causal=causal, seed=seed, **knobs)
+    return module.to(device=device, dtype=dtype)
+
+
 def build_module(case: Case, device: str | None = None) -> tuple[torch.nn.Module, float]:
-    """The mechanism for ``case`` on its device and dtype, and the build time in ms."""
+    """The mechanism for ``case`` on its device and dtype (parameters frozen for ``fwd``), and the build time in ms."""
     t0 = time.perf_counter()
-    module = case.spec().build(head_dim=case.head_dim, heads=case.heads, n=case.n, causal=case.causal,
-                               seed=case.seed, **case.knob_dict)
-    module = module.to(device=device or case.device, dtype=case.torch_dtype)
+    module = build_on(case.spec(), head_dim=case.head_dim, heads=case.heads, n=case.n, causal=case.causal,
+                      seed=case.seed, knobs=case.knob_dict, device=device or case.device, dtype=case.torch_dtype)
     if case.mode == "fwd":
         module.requires_grad_(False)
     return module, (time.perf_counter() - t0) * 1e3

@@ -138,7 +138,7 @@ def test_a_knob_given_at_its_default_is_the_same_case():
 
 
 def test_bare_cuda_device_gets_its_index(monkeypatch):
-    from effbench.runner import resolve_device
+    from effbench.devices import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)

@@ -13,7 +13,9 @@ import pytest
 
 from effbench import results
 from effbench.cases import Case
-from effbench.sweep import case_row
+from effbench.results import CaseResult
+from effbench.status import Status
+from effbench.sweep import case_row, make_row
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "faulty.py")
 
@@ -129,3 +131,32 @@ def test_knob_columns_come_back_with_their_types(tmp_path):
     assert str(df["window"].dtype) == "Int64" and df.at["local", "window"] == 8  # not 8.0
     assert str(df["redraw"].dtype) == "boolean" and bool(df.at["performer", "redraw"]) is True
     assert pd.isna(df.at["dense", "window"]) and pd.isna(df.at["dense", "redraw"])
+
+
+def test_typed_rows_write_every_result_column_and_read_back(tmp_path):
+    path = tmp_path / "r.csv"
+    row = make_row(Case(mechanism="local", n=64, knobs=(("window", 8),)),
+                   CaseResult(status=Status.OK, time_ms_median=2.0, wall_s=0.5, run_id="r1"))
+    assert (row.mechanism, row.n, row.status) == ("local", 64, Status.OK)
+    assert row.get("window") == 8 and row.get("wall_s") == 0.5 and row.get("rounds") is None
+    with pytest.raises(KeyError):
+        row["rounds"]  # not a knob of local
+    with pytest.raises(AttributeError):
+        row.result.input_bytes = 1
+    results.ResultsWriter(path).append(row)
+    df = results.read_results(path)
+    assert df["wall_s"].iloc[0] == 0.5 and df["status"].iloc[0] == Status.OK and df["window"].iloc[0] == 8
+    assert results.done_statuses(path) == {row.case_key: Status.OK}
+
+
+def test_a_file_without_wall_s_is_widened_and_an_unknown_status_refused(tmp_path):
+    path = tmp_path / "r.csv"
+    old = [c for c in results.columns() if c != "wall_s"]
+    path.write_text(",".join(old) + "\n")
+    w = results.ResultsWriter(path)
+    assert w.columns[-1] == "wall_s"
+    w.append(make_row(Case(mechanism="dense", n=8), CaseResult(status=Status.OK, wall_s=1.25)))
+    assert results.read_results(path)["wall_s"].iloc[0] == 1.25
+    w.append({"case_key": "x", "mechanism": "dense", "n": 9, "status": "fine"})
+    with pytest.raises(results.ResultsError, match="unknown status 'fine'"):
+        results.read_results(path)

@@ -21,13 +21,13 @@ import contextlib
 import gc
 import os
 import threading
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 
 
@@ -40,6 +40,20 @@ def _storages(obj: Any) -> list:
             except (RuntimeError, NotImplementedError):  # sparse/nested layouts have no single storage
                 pass
     return out
+
+
+def _fake_twins(args, kwargs, out) -> set[int]:
+    """Under a FakeTensorMode (a prediction), a real argument (a module's parameter or buffer) enters the
+    op as its memoised fake twin: the twin's storage is the argument's, not a new allocation."""
+    flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, FakeTensor)]
+    if not flat_out:
+        return set()
+    mode = flat_out[0].fake_mode
+    twins = set()
+    for t in tree_flatten((args, kwargs))[0]:
+        if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor):
+            twins.add(id(mode.from_tensor(t).untyped_storage()))
+    return twins
 
 
 class StorageTracker(TorchDispatchMode):
@@ -65,7 +79,7 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {id(s) for s in _storages((args, kwargs))}
+        inputs = {id(s) for s in _storages((args, kwargs))} | _fake_twins(args, kwargs, out)
         for st in _storages(out):
             key = id(st)
             if key in inputs or key in self._live:
@@ -83,10 +97,21 @@ class StorageTracker(TorchDispatchMode):
 
 
 def tracked_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Run ``fn`` under a :class:`StorageTracker`; return (peak bytes, result)."""
+    """Run ``fn`` under a :class:`StorageTracker`; return (peak bytes, result).
+
+    Python's cyclic garbage collector is paused during the call: otherwise it runs whenever enough
+    objects have been allocated since its last run, which depends on everything that ran before,
+    and a temporary caught in a reference cycle would be freed at a different op from run to run.
+    With it paused the peak is the same in every run (and the prediction equals the measurement)."""
     gc.collect()
-    with StorageTracker() as tracker:
-        result = fn()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with StorageTracker() as tracker:
+            result = fn()
+    finally:
+        if was_enabled:
+            gc.enable()
     return tracker.peak, result
 
 

@@ -22,8 +22,6 @@ import torch
 from torch.utils import benchmark
 from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 
-NOISY_IQR_RATIO = 0.10
-
 
 @dataclass
 class Timing:
@@ -32,10 +30,6 @@ class Timing:
     repeats: int
     samples_ms: list[float]
     timer: str
-
-    @property
-    def noisy(self) -> bool:
-        return self.median_ms > 0 and self.iqr_ms / self.median_ms > NOISY_IQR_RATIO
 
 
 def _from_measurement(m: Measurement, timer: str) -> Timing:
