@@ -1,38 +1,35 @@
 """The `effbench` command line: thin commands that parse, validate, delegate and render.
 
-Domain errors (unknown mechanism, malformed size, missing file, ...) become one red
-line on stderr and exit code 2; no traceback.
+Domain errors (unknown mechanism, malformed size, missing file, ...) become one red line on
+stderr and exit code 2; no traceback. The knob-axis options (``--window``, ``--rounds``, ...) are
+not written here: one option per sweep axis that a registered knob declares (``Knob.axis``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
+import functools
+import inspect
+import tempfile
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 import mechanisms
 
-from . import results
+from . import render, results
 from .cases import DTYPES, MODES, CaseError, expand
 from .plugins import PluginError, load_plugins
-from .units import UsageError, fmt_bytes, fmt_flops, fmt_ms, parse_bytes, parse_int_list, parse_list
+from .units import UsageError, is_noisy, parse_bytes, parse_int_list, parse_list
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark and profile efficient attention: time, peak memory, FLOPs, accuracy.")
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = render.console()
+err_console = render.console(stderr=True)
 
 DOMAIN_ERRORS = (UsageError, CaseError, mechanisms.RegistryError, results.ResultsError, PluginError)
-
-
-class Exit2(Exception):
-    pass
 
 
 @contextlib.contextmanager
@@ -50,7 +47,6 @@ def domain_errors() -> Iterator[None]:
 PluginOpt = Annotated[Optional[list[Path]], typer.Option("--plugin", help="Python file registering extra mechanisms (repeatable).")]
 MechOpt = Annotated[str, typer.Option("--mech", "-m", help="Comma list of mechanisms, or 'all'.")]
 NOpt = Annotated[str, typer.Option("--n", "-n", help="Comma list of sequence lengths, e.g. 512,4096,32768.")]
-AXIS_HELP = "Comma list for the {axis} axis; fed only to mechanisms with a knob on it."
 BatchOpt = Annotated[int, typer.Option(help="Batch size B.")]
 HeadsOpt = Annotated[int, typer.Option(help="Heads H.")]
 HeadDimOpt = Annotated[int, typer.Option("--head-dim", help="Head dimension D.")]
@@ -59,6 +55,32 @@ ModeOpt = Annotated[str, typer.Option(help="fwd (inference, no_grad) or fwd+bwd.
 CausalOpt = Annotated[bool, typer.Option("--causal/--no-causal", help="Causal (top-left aligned) or bidirectional.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for inputs and the mechanisms' random state.")]
 KnobOpt = Annotated[Optional[list[str]], typer.Option("--knob", "-k", help="Any knob by name: NAME=V1,V2 (repeatable).")]
+
+AXIS_PREFIX = "axis_"
+
+
+def with_axis_options(command: Callable) -> Callable:
+    """Give ``command`` one ``--<axis>`` option per sweep axis declared by a registered knob; the command
+    receives them as one dict ``axes`` (axis -> comma-list text or None). Axes added by a plugin are
+    set with ``--knob NAME=...`` (the plugin is loaded after the options are parsed)."""
+    sig = inspect.signature(command)
+    taken = {p.name for p in sig.parameters.values()} | {"help"}
+    params = [p for p in sig.parameters.values() if p.name != "axes"]
+    at = next(i for i, p in enumerate(params) if p.name == "knob")
+    axes = [a for a in sorted(mechanisms.axis_knobs()) if a not in taken]
+    for offset, axis in enumerate(axes):
+        flag = "--" + axis.replace("_", "-")
+        help_ = f"Comma list for the {axis} axis ({mechanisms.base.axis_help(axis)}); fed only to mechanisms with a knob on it."
+        params.insert(at + offset, inspect.Parameter(AXIS_PREFIX + axis, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                                     annotation=Annotated[Optional[str], typer.Option(flag, help=help_)]))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = {k[len(AXIS_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(AXIS_PREFIX)}
+        return command(axes=given, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
 
 
 def select_mechanisms(text: str) -> list[str]:
@@ -75,7 +97,7 @@ def select_mechanisms(text: str) -> list[str]:
 def check_device(device: str) -> str:
     import torch
 
-    from .runner import resolve_device
+    from .devices import resolve_device
 
     if device in ("auto", "cpu"):
         return resolve_device(device)
@@ -86,9 +108,12 @@ def check_device(device: str) -> str:
     raise UsageError(f"--device {device!r}: choose auto, cpu or cuda[:index]")
 
 
-def check_threads(threads: int | None) -> None:
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
+def check_at_least(name: str, value: float | None, minimum: float, strict: bool = False) -> None:
+    """``value`` (when given) ≥ ``minimum`` (> with ``strict``), else one clear line."""
+    if value is None or (value > minimum if strict else value >= minimum):
+        return
+    word = "positive" if strict and minimum == 0 else f"at least {minimum:g}" if minimum else "0 or more"
+    raise UsageError(f"{name} must be {word}, got {value:g}")
 
 
 def check_choice(value: str, choices, what: str) -> str:
@@ -126,8 +151,11 @@ def make_cases(*, plugin, mech: str, n: str, batch: int, heads: int, head_dim: i
                   head_dim=head_dim, dtype=dtype, device=device, mode=mode, causal=causal, seed=seed)
 
 
-def default_budget(device: str) -> int | None:
-    """A safe share of what is free: 80% of available RAM, or 90% of free GPU memory."""
+def memory_budget(text: str | None, device: str) -> int | None:
+    """``--mem-budget``: a size, 'none', or by default a safe share of what is free (80% of available
+    RAM, 90% of free GPU memory)."""
+    if text is not None:
+        return None if text.strip().lower() == "none" else parse_bytes(text, "--mem-budget")
     if device.startswith("cuda"):
         import torch
         free, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -137,6 +165,19 @@ def default_budget(device: str) -> int | None:
     return int(avail * 0.8) if avail else None
 
 
+def progress_bar(transient: bool = False) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=transient)
+
+
+def say_readings(device: str, env: dict) -> None:
+    """Say plainly which readings this run will have."""
+    if device == "cpu":
+        err_console.print("[dim]readings: wall time, tracked tensor storage, RSS (CPU run: no CUDA allocator or NVML columns)[/]")
+    elif not env.get("nvml"):
+        err_console.print("[yellow]NVML is not available: nvml_peak_bytes stays empty; CUDA allocator and tensor-tracker readings are recorded.[/]")
+
+
 # ------------------------------------------------------------------------ commands
 
 @app.command("list")
@@ -144,17 +185,11 @@ def list_cmd(plugin: PluginOpt = None) -> None:
     """The registry: every mechanism with its family, cost, knobs and causal support."""
     with domain_errors():
         load_plugins(plugin)
-    table = Table(title="effbench mechanisms", show_lines=False)
-    for col in ("name", "family", "complexity", "memory", "knobs (default, sweep axis)", "causal", "bidir"):
-        table.add_column(col)
-    for spec in mechanisms.REGISTRY.values():
-        table.add_row(spec.name, spec.family, spec.complexity, spec.memory_complexity or "—",
-                      ", ".join(k.describe() for k in spec.knobs) or "—",
-                      "yes" if spec.supports_causal else "no", "yes" if spec.supports_bidirectional else "no")
-    out_console.print(table)
+    out_console.print(render.registry_table())
 
 
 @app.command()
+@with_axis_options
 def sweep(
     mech: MechOpt = "all",
     n: NOpt = "512,1024,2048,4096",
@@ -174,19 +209,9 @@ def sweep(
     resume: Annotated[bool, typer.Option(help="Skip cases already in --out (by case key).")] = False,
     seed: SeedOpt = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch threads in each case (default: torch's).")] = None,
-    window: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="window"))] = None,
-    dilation: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="dilation"))] = None,
-    globals_: Annotated[Optional[str], typer.Option("--globals", help=AXIS_HELP.format(axis="globals"))] = None,
-    block: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="block"))] = None,
-    rounds: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="rounds"))] = None,
-    bucket: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="bucket"))] = None,
-    features: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="features"))] = None,
-    rank: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="rank"))] = None,
-    segment: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="segment"))] = None,
-    memory: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="memory"))] = None,
-    compress: Annotated[Optional[str], typer.Option(help=AXIS_HELP.format(axis="compress"))] = None,
     knob: KnobOpt = None,
     plugin: PluginOpt = None,
+    axes: dict | None = None,
 ) -> None:
     """Measure time, peak memory and FLOPs of each case; append one row per case to --out."""
     from .measure.env import environment
@@ -194,92 +219,39 @@ def sweep(
     from .sweep import run_sweep
 
     with domain_errors():
-        if timeout <= 0:
-            raise UsageError(f"--timeout must be positive, got {timeout}")
-        if min_time is not None and min_time <= 0:
-            raise UsageError(f"--min-time must be positive, got {min_time}")
-        check_threads(threads)
-        if warmup < 0:
-            raise UsageError(f"--warmup must be 0 or more, got {warmup}")
-        if repeats < 1:
-            raise UsageError(f"--repeats must be at least 1, got {repeats}")
+        check_at_least("--timeout", timeout, 0, strict=True)
+        check_at_least("--min-time", min_time, 0, strict=True)
+        check_at_least("--threads", threads, 1)
+        check_at_least("--warmup", warmup, 0)
+        check_at_least("--repeats", repeats, 1)
         dev = check_device(device)
-        axes = {"window": window, "dilation": dilation, "globals": globals_, "block": block, "rounds": rounds,
-                "bucket": bucket, "features": features, "rank": rank, "segment": segment, "memory": memory,
-                "compress": compress}
         cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                            device=dev, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
-        if mem_budget is None:
-            budget = default_budget(dev)
-        elif mem_budget.strip().lower() == "none":
-            budget = None
-        else:
-            budget = parse_bytes(mem_budget, "--mem-budget")
         if out.exists() and out.is_dir():
             raise UsageError(f"--out {out} is a directory; give a CSV file path")
-        opts = RunOptions(warmup=warmup, repeats=repeats, min_time=min_time, timeout=timeout, mem_budget=budget,
-                          plugins=tuple(str(p) for p in plugin or ()), threads=threads)
+        opts = RunOptions(warmup=warmup, repeats=repeats, min_time=min_time, timeout=timeout,
+                          mem_budget=memory_budget(mem_budget, dev), plugins=tuple(str(p) for p in plugin or ()),
+                          threads=threads)
         if resume:
             results.done_keys(out)  # refuse a file that is not an effbench CSV before running anything
-
         env = environment()
-        if dev == "cpu":
-            err_console.print("[dim]readings: wall time, tracked tensor storage, RSS (CPU run: no CUDA allocator or NVML columns)[/]")
-        elif not env.get("nvml"):
-            err_console.print("[yellow]NVML is not available: nvml_peak_bytes stays empty; CUDA allocator and tensor-tracker readings are recorded.[/]")
-
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err_console, transient=False) as progress:
+        say_readings(dev, env)
+        with progress_bar() as progress:
             task = progress.add_task("sweep", total=len(cases))
-
-            def on_start(case):
-                progress.update(task, description=f"{case.label()} n={case.n}")
-
-            def on_row(case, row):
-                progress.advance(task)
-
-            report = run_sweep(cases, opts, out, resume=resume, run_info=env, on_start=on_start, on_row=on_row)
+            report = run_sweep(cases, opts, out, resume=resume, run_info=env,
+                               on_start=lambda c: progress.update(task, description=f"{c.label()} n={c.n}"),
+                               on_row=lambda c, r: progress.advance(task))
             progress.update(task, description="sweep done", completed=len(cases))
-
-    render_rows(report.rows, title=f"{len(report.rows)} case(s) written to {out}"
-                + (f"; {report.resumed} already there (resume)" if report.resumed else ""))
-    noisy = [r for r in report.rows if r.get("time_ms_median") and r.get("time_ms_iqr") is not None
-             and r["time_ms_iqr"] / r["time_ms_median"] > 0.10]
+    title = f"{len(report.rows)} case(s) written to {out}" + (f"; {report.resumed} already there (resume)" if report.resumed else "")
+    out_console.print(render.sweep_table(report.rows, title))
+    noisy = [r for r in report.rows if is_noisy(r.get("time_ms_median"), r.get("time_ms_iqr"))]
     if noisy:
         err_console.print(f"[yellow]warning:[/] {len(noisy)} case(s) have IQR above 10% of the median: "
                           "close other programs, add --warmup 3 or use --min-time 2 for steadier timings.")
 
 
-def render_rows(rows: list[dict], title: str) -> None:
-    """Summary table: times in ms (median ± IQR), memory in binary units; empty reading columns left out."""
-    columns = [("mechanism", "left", None), ("knobs", "left", None), ("N", "right", None), ("status", "left", None),
-               ("ms (median ± IQR)", "right", "time_ms_median"), ("peak tensors", "right", "peak_tensor_bytes"),
-               ("peak RSS", "right", "rss_peak_bytes"), ("CUDA alloc", "right", "peak_alloc_bytes"),
-               ("NVML", "right", "nvml_peak_bytes"), ("FLOPs", "right", "flops")]
-    columns = [c for c in columns if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
-    table = Table(title=title)
-    for name, just, _ in columns:
-        table.add_column(name, justify=just, no_wrap=name in ("mechanism", "N"),
-                         overflow="fold" if name in ("knobs", "status") else "ellipsis")
-    for r in rows:
-        spec = mechanisms.REGISTRY.get(r["mechanism"])
-        status = r.get("status", "")
-        style = {"ok": "green", "skipped": "dim", "predicted_oom": "yellow"}.get(status, "red")
-        cells = {
-            "mechanism": r["mechanism"],
-            "knobs": ", ".join(f"{k.name}={r.get(k.name)}" for k in spec.knobs) if spec else "",
-            "N": f"{r['n']:,}",
-            "status": f"[{style}]{status}[/]" + (f" [dim]{r['error'][:48]}…[/]" if status != "ok" and r.get("error") else ""),
-            "ms (median ± IQR)": fmt_ms(r.get("time_ms_median"), r.get("time_ms_iqr")),
-            "peak tensors": fmt_bytes(r.get("peak_tensor_bytes")), "peak RSS": fmt_bytes(r.get("rss_peak_bytes")),
-            "CUDA alloc": fmt_bytes(r.get("peak_alloc_bytes")), "NVML": fmt_bytes(r.get("nvml_peak_bytes")),
-            "FLOPs": fmt_flops(r.get("flops")),
-        }
-        table.add_row(*[cells[name] for name, _, _ in columns])
-    out_console.print(table)
-
-
 @app.command()
+@with_axis_options
 def estimate(
     mech: MechOpt = "all",
     n: NOpt = "4096,32768,131072",
@@ -294,41 +266,23 @@ def estimate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also append rows (predicted_bytes) to this CSV.")] = None,
     knob: KnobOpt = None,
     plugin: PluginOpt = None,
+    axes: dict | None = None,
 ) -> None:
     """Predict each case's peak memory on fake tensors: nothing of size N is allocated."""
+    from .measure.env import environment
     from .runner import RunOptions
     from .sweep import run_sweep
 
     with domain_errors():
-        if timeout <= 0:
-            raise UsageError(f"--timeout must be positive, got {timeout}")
+        check_at_least("--timeout", timeout, 0, strict=True)
         cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-                           device="cpu", mode=mode, causal=causal, seed=seed, knob=knob)
+                           device="cpu", mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
         opts = RunOptions(timeout=timeout, predict_only=True, plugins=tuple(str(p) for p in plugin or ()))
-        rows: list[dict] = []
-        target = out
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            path = target if target is not None else Path(tmp) / "estimate.csv"
-            from .measure.env import environment
-            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          console=err_console, transient=True) as progress:
-                task = progress.add_task("estimate", total=len(cases))
-                report = run_sweep(cases, opts, path, run_info=environment(),
-                                   on_row=lambda c, r: progress.advance(task))
-            rows = report.rows
-    table = Table(title="predicted peak memory of one call (fake tensors; inputs not included)")
-    for col, just in (("mechanism", "left"), ("knobs", "left"), ("N", "right"), ("predicted peak", "right"),
-                      ("params", "right"), ("FLOPs", "right"), ("status", "left")):
-        table.add_column(col, justify=just)
-    for r in rows:
-        spec = mechanisms.REGISTRY.get(r["mechanism"])
-        knobs = ", ".join(f"{k.name}={r.get(k.name)}" for k in spec.knobs) if spec else ""
-        status = r.get("status", "")
-        table.add_row(r["mechanism"], knobs, f"{r['n']:,}", fmt_bytes(r.get("predicted_bytes")),
-                      fmt_bytes(r.get("param_bytes")), fmt_flops(r.get("flops")),
-                      status + (f" {r['error'][:60]}" if r.get("error") else ""))
-    out_console.print(table)
+        with tempfile.TemporaryDirectory() as tmp, progress_bar(transient=True) as progress:
+            task = progress.add_task("estimate", total=len(cases))
+            report = run_sweep(cases, opts, out if out is not None else Path(tmp) / "estimate.csv",
+                               run_info=environment(), on_row=lambda c, r: progress.advance(task))
+    out_console.print(render.estimate_table(report.rows))
 
 
 @app.command()
@@ -364,20 +318,18 @@ def verify(
     """Check every mechanism against its own O(N²) reference and against dense attention; exit 1 on any failure."""
     import torch
 
-    from .verify import render, run_verify, write_csv
+    from .verify import run_verify, write_csv
 
     with domain_errors():
         load_plugins(plugin)
         names = select_mechanisms(mech)
         check_choice(dtype, DTYPES, "--dtype")
         dev = check_device(device)
-        if n is not None and n < 2:
-            raise UsageError(f"--n must be at least 2, got {n}")
-        check_threads(threads)
+        check_at_least("--n", n, 2)
+        check_at_least("--threads", threads, 1)
         if threads:
             torch.set_num_threads(threads)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        with progress_bar(transient=True) as progress:
             task = progress.add_task("verify", total=len(names))
 
             def on_progress(done: int, total: int, label: str) -> None:
@@ -385,7 +337,7 @@ def verify(
 
             report = run_verify(names, n, device=dev, dtype=dtype, seed=seed, tolerance=tolerance, progress=on_progress)
         write_csv(report, out)
-    render(report, out_console)
+    render.print_verify(report, out_console)
     err_console.print(f"[dim]checks written to {out}[/]")
     if not report.passed:
         raise typer.Exit(1)

@@ -30,9 +30,10 @@ class AxialPositionalEncoding(nn.Module):
     default ⌊D/2⌋). Parameters n₁·d₁ + n₂·d₂ ≈ √N·D instead of N·D; entries drawn from
     N(0, 0.02²) with a generator seeded by ``seed`` (same init as ``learned-pe``).
 
-    The forward never gathers the N×D table: x viewed as (B, n₁, n₂, D) gets E₁ broadcast
-    along the second axis on its first d₁ channels and E₂ along the first on the rest
-    (the last, partial row of n₂ handled apart). Cost: B·N·D additions.
+    The forward never gathers the N×D table: a copy of x viewed as (B, n₁, n₂, D) gets E₁ added
+    in place, broadcast along the second axis, on its first d₁ channels and E₂ along the first on
+    the rest (the last, partial row of n₂ handled apart). Cost: B·N·D additions; memory: the
+    output, B·N·D, and no temporary of that size.
     """
 
     inputs = "x"  # forward(x), x (B, N, H·D)
@@ -79,17 +80,17 @@ class AxialPositionalEncoding(nn.Module):
             raise ValueError(f"axial-pe built for {self.n1 * self.n2} positions, got {N}")
         d1, n2 = self.d1, self.n2
         rows = N // n2  # complete rows of n₂ positions
-        parts = []
+        out = x.clone()  # (B, N, D): the one output buffer; the tables are added into it in place
         if rows:
-            xf = x[:, :rows * n2].view(B, rows, n2, D)  # (B, n₁', n₂, D)
-            first = xf[..., :d1] + self.e1[:rows, None, :]  # (B, n₁', n₂, d₁)
-            second = xf[..., d1:] + self.e2[None, :, :]  # (B, n₁', n₂, d₂)
-            parts.append(torch.cat([first, second], dim=-1).view(B, rows * n2, D))  # (B, n₁'·n₂, D)
+            grid = out[:, :rows * n2].view(B, rows, n2, D)  # (B, n₁', n₂, D), a view of out
+            grid[..., :d1] += self.e1[:rows, None, :]  # E₁ broadcast along the second axis
+            grid[..., d1:] += self.e2[None, :, :]  # E₂ broadcast along the first axis
         if N > rows * n2:  # the partial last row: positions rows·n₂ .. N−1
-            xt = x[:, rows * n2:]  # (B, r, D)
             r = N - rows * n2
-            parts.append(torch.cat([xt[..., :d1] + self.e1[rows], xt[..., d1:] + self.e2[:r]], dim=-1))  # (B, r, D)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, N, D)
+            tail = out[:, rows * n2:]  # (B, r, D), a view of out
+            tail[..., :d1] += self.e1[rows]
+            tail[..., d1:] += self.e2[:r]
+        return out  # (B, N, D)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Gather the full N×D table the obvious way, then add."""

@@ -29,6 +29,7 @@ mechanism's name:
   (the fidelity target; default: plain softmax attention), with ``exact_label`` naming it;
 - ``linear_at``: knobs at which the linear cost holds (Reformer: a fixed bucket count); ``linear_memory``
   / ``linear_flops`` override what is read off the ``memory`` and ``complexity`` strings (no "N²");
+- ``exact`` (default: family "exact"): the output is exact softmax attention, held to the tolerance;
 - ``data_dependent`` (default False): True when peak memory depends on the input values, so a
   fake-tensor prediction cannot equal the measured peak;
 - ``check(*, n, causal, heads, head_dim, device, dtype, **knobs) -> list[str]``
@@ -44,13 +45,18 @@ Nothing in this package imports the harness (``effbench``).
 from __future__ import annotations
 
 import inspect
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from .declare import (  # noqa: F401  re-exported: the declarations a mechanism file uses
+    TREND_KINDS, DeclarationError, Fidelity, Trend, decreasing, equals_dense_at, ratio_per_4x, resolve_length,
+)
+from .axes import axis_help, axis_knobs, is_length, small_value_of, sweep_values_of  # noqa: F401  re-exported
+from .masks import causal_mask, mask_from_mod, masked_softmax_attention, positions  # noqa: F401  re-exported
 
 FAMILIES = ("exact", "sparse", "kernel", "low-rank", "hashing", "recurrent", "position")
 
@@ -59,7 +65,7 @@ _AXIS_NAME = re.compile(r"[a-z][a-z0-9_]*")
 REGISTRY: dict[str, "MechanismSpec"] = {}
 
 
-class RegistryError(ValueError):
+class RegistryError(DeclarationError):
     """A registration or lookup problem (duplicate or unknown name, bad knob)."""
 
 
@@ -127,139 +133,6 @@ class Knob:
     def describe(self) -> str:
         flag = f" (--{self.axis})" if self.axis else ""
         return f"{self.name}={self.default}{flag}"
-
-
-TREND_KINDS = ("decreasing", "ratio_per_4x", "equals_dense_at")
-
-
-@dataclass(frozen=True)
-class Trend:
-    """A promise theory makes about a fidelity sweep, checked by ``effbench verify`` and the contract suite.
-
-    - ``decreasing``: the error falls (within 5% per step) along the sweep, last below first;
-    - ``ratio_per_4x``: error × (``low``..``high``) per ×4 of the knob (log-log least-squares fit);
-    - ``equals_dense_at``: at knob = ``at`` every key is visible, so the output equals dense attention.
-    """
-
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    at: Any = None
-
-    def __post_init__(self):
-        if self.kind not in TREND_KINDS:
-            raise RegistryError(f"unknown trend {self.kind!r}; choose from {', '.join(TREND_KINDS)}")
-
-    @classmethod
-    def of(cls, value: Any) -> "Trend":
-        """A Trend from itself or the older tuple forms ``"decreasing"``, ``("ratio_per_4x", lo, hi)``,
-        ``("equals_dense_at", value)``."""
-        if isinstance(value, Trend):
-            return value
-        if isinstance(value, str):
-            return cls(value)
-        kind, *args = value
-        if kind == "ratio_per_4x":
-            return cls(kind, low=float(args[0]), high=float(args[1]))
-        if kind == "equals_dense_at":
-            return cls(kind, at=args[0])
-        return cls(kind)
-
-    def describe(self) -> str:
-        if self.kind == "ratio_per_4x":
-            return f"error ×{self.low}–{self.high} per ×4"
-        if self.kind == "equals_dense_at":
-            return f"equals dense at {self.at}"
-        return "error decreasing"
-
-
-def decreasing() -> Trend:
-    return Trend("decreasing")
-
-
-def ratio_per_4x(low: float, high: float) -> Trend:
-    return Trend("ratio_per_4x", low=low, high=high)
-
-
-def equals_dense_at(value: Any) -> Trend:
-    return Trend("equals_dense_at", at=value)
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """One fidelity sweep: the error against exact attention over ``values`` of ``knob``, and what it promises."""
-
-    knob: str
-    values: tuple
-    expect: tuple = ()
-    why: str = ""
-
-    def __post_init__(self):
-        object.__setattr__(self, "values", tuple(self.values))
-        object.__setattr__(self, "expect", tuple(Trend.of(e) for e in self.expect))
-
-    @classmethod
-    def of(cls, value: Any) -> "Fidelity":
-        """A Fidelity from itself or the older ``verify_sweep`` tuple (knob, values, expectations)."""
-        if isinstance(value, Fidelity):
-            return value
-        knob, values, *rest = value
-        return cls(knob, tuple(values), tuple(rest[0]) if rest else ())
-
-
-def resolve_length(value: Any, n: int) -> Any:
-    """``"N"`` -> n, ``"N-1"`` -> n - 1, ``"N/4"`` -> n // 4 (at least 1); anything else unchanged."""
-    if isinstance(value, str):
-        s = value.replace(" ", "").upper()
-        if s == "N":
-            return n
-        if s.startswith("N-") and s[2:].isdigit():
-            return n - int(s[2:])
-        if s.startswith("N/") and s[2:].isdigit():
-            return max(1, n // int(s[2:]))
-    return value
-
-
-def axis_knobs(registry: Mapping[str, "MechanismSpec"] | None = None) -> dict[str, list[Knob]]:
-    """Every sweep axis in the registry -> the knobs that declare it (in registration order)."""
-    out: dict[str, list[Knob]] = {}
-    for spec in (REGISTRY if registry is None else registry).values():
-        for k in spec.knobs:
-            if k.axis is not None:
-                out.setdefault(k.axis, []).append(k)
-    return out
-
-
-def axis_help(axis: str) -> str:
-    """Help for the ``--<axis>`` option: the knobs it feeds."""
-    knobs = axis_knobs().get(axis, [])
-    helps = sorted({k.help for k in knobs if k.help})
-    return "; ".join(helps) if helps else axis
-
-
-def _axis_attr(knob: Knob, attr: str, empty: Any) -> Any:
-    """``knob.<attr>`` if declared, else the first declaration of another knob on the same axis."""
-    own = getattr(knob, attr)
-    if own != empty or knob.axis is None:
-        return own
-    for other in axis_knobs().get(knob.axis, []):
-        value = getattr(other, attr)
-        if value != empty:
-            return value
-    return own
-
-
-def small_value_of(knob: Knob) -> Any:
-    """The knob's declared awkward value (or its axis'), None when neither declares one."""
-    return _axis_attr(knob, "small", None)
-
-
-def is_length(knob: Knob) -> bool:
-    return bool(_axis_attr(knob, "length", None))
-
-
-def sweep_values_of(knob: Knob) -> tuple:
-    return tuple(_axis_attr(knob, "sweep", ()))
 
 
 def _case_get(case: Any, name: str, default: Any = None) -> Any:
@@ -370,6 +243,13 @@ class MechanismSpec:
         """Work grows linearly in N (declared ``linear_flops``, else: ``complexity`` has no N²)."""
         declared = getattr(self.cls, "linear_flops", None)
         return bool(declared) if declared is not None else "N²" not in self.complexity
+
+    @property
+    def exact(self) -> bool:
+        """Computes exact softmax attention (declared ``exact``; default: the "exact" family): its fidelity
+        row must equal dense attention to the tolerance, not merely be reported."""
+        declared = getattr(self.cls, "exact", None)
+        return bool(declared) if declared is not None else self.family == "exact"
 
     @property
     def data_dependent(self) -> bool:
@@ -491,48 +371,3 @@ def get(name: str) -> MechanismSpec:
         return REGISTRY[name]
     except KeyError:
         raise RegistryError(f"unknown mechanism {name!r}; choose from: {', '.join(sorted(REGISTRY))}") from None
-
-
-# --------------------------------------------------------------------------------------
-# Shared helpers for references (small N only: these DO form N x N tensors).
-# --------------------------------------------------------------------------------------
-
-def positions(n: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and key index grids for building dense masks: i (N, 1), j (1, N)."""
-    idx = torch.arange(n, device=device)
-    return idx[:, None], idx[None, :]
-
-
-def mask_from_mod(mask_mod: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_q: int, n_k: int | None = None,
-                  device: torch.device | str | None = None) -> torch.Tensor:
-    """Dense (Nq, Nk) boolean mask from ``mask_mod(q_idx, kv_idx)`` (attention-gym style, no batch/head args)."""
-    n_k = n_q if n_k is None else n_k
-    i = torch.arange(n_q, device=device)[:, None]
-    j = torch.arange(n_k, device=device)[None, :]
-    return mask_mod(i, j).expand(n_q, n_k)
-
-
-def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                             scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ·scale + bias, masked) v, the obvious O(N²) way; fully masked rows give 0, never NaN.
-
-    q (..., Nq, D), k and v (..., Nk, D); mask broadcastable to (..., Nq, Nk), True = visible.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (..., Nq, Nk)
-    if bias is not None:
-        s = s + bias
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)  # (..., Nq, 1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)  # (..., Nq, Nk); exp(-inf) = 0 on masked entries
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.matmul(p, v)  # (..., Nq, D)
-
-
-def causal_mask(n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(N, N) boolean mask j <= i (top-left aligned)."""
-    i, j = positions(n, device)
-    return j <= i

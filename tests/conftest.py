@@ -1,7 +1,28 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the ``--plugin`` option of the contract suite.
+
+``python -m pytest tests/test_contract.py --plugin my_attn.py`` (repeatable) loads the plugin files
+before collection, and the contract suite then runs on the mechanisms they register.
+"""
 
 import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--plugin", action="append", default=[], metavar="FILE",
+                     help="a plugin file registering mechanisms: tests/test_contract.py runs on them (repeatable)")
+
+
+def pytest_configure(config):
+    files = config.getoption("--plugin") or []
+    if not files:
+        return
+    import mechanisms
+    from effbench.plugins import load_plugins
+
+    before = set(mechanisms.REGISTRY)
+    load_plugins(files)
+    config.contract_mechanisms = [name for name in mechanisms.REGISTRY if name not in before]
 
 
 @pytest.fixture

@@ -115,3 +115,39 @@ def test_plot_reads_a_sweep_and_refuses_other_files(tmp_path):
     _fails(["plot", str(tmp_path / "missing.csv")], "not found")
     _fails(["plot", str(out), "--budget", "much"], "--budget 'much' does not parse")
     _fails(["plot", str(out), "--format", "gif9"], "gif9")
+
+
+def test_axis_options_come_from_the_knobs():
+    """One --<axis> option on sweep and estimate per axis a registered knob declares: no list in the CLI."""
+    import mechanisms
+
+    axes = mechanisms.axis_knobs()
+    assert {"window", "rounds", "features", "segment"} <= set(axes)
+    for command in ("sweep", "estimate"):
+        r = runner.invoke(app, [command, "--help"], terminal_width=200)
+        assert r.exit_code == 0
+        for axis in axes:
+            assert f"--{axis.replace('_', '-')}" in r.output, (command, axis)
+
+
+def test_an_axis_feeds_only_its_mechanisms(tmp_path):
+    out = tmp_path / "e.csv"
+    r = runner.invoke(app, ["estimate", "--mech", "local,dense", "--n", "512", "--window", "16,32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    df = results.read_results(out)
+    assert sorted(df[df.mechanism == "local"]["window"].tolist()) == [16, 32]
+    assert len(df[df.mechanism == "dense"]) == 1
+
+
+def test_tables_stay_one_row_per_line_in_a_log_file(tmp_path):
+    """Output redirected to a file is laid out wide, not wrapped at rich's default 80 columns."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "list.log"
+    with log.open("w") as fh:
+        subprocess.run([sys.executable, "-m", "effbench", "list"], stdout=fh, check=True, timeout=120)
+    lines = log.read_text().splitlines()
+    row = next(line for line in lines if "transformer-xl" in line)
+    assert "O(N·(L+M)·D)" in row and "segment=128 (--segment)" in row and "memory=128 (--memory)" in row
+    assert max(len(line) for line in lines) > 80

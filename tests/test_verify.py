@@ -17,9 +17,10 @@ from torch import nn
 
 import mechanisms
 from effbench import plugins, verify
+from effbench.render import print_verify, summary_line
 from effbench.units import UsageError
-from effbench.verify import CheckResult, render, run_verify, summary_line, write_csv
-from mechanisms import Knob, register
+from effbench.verify import CheckResult, check_trend, run_verify, small_value, write_csv
+from mechanisms import Fidelity, Knob, register
 
 PLUGINS = Path(__file__).parent / "plugins"
 LEAKY = str(PLUGINS / "leaky.py")
@@ -63,7 +64,7 @@ def temporary(monkeypatch, cls, **kw):
 
 def rendered(report) -> str:
     buf = io.StringIO()
-    render(report, Console(file=buf, width=200, color_system=None))
+    print_verify(report, Console(file=buf, width=200, color_system=None))
     return buf.getvalue()
 
 
@@ -222,9 +223,15 @@ def test_unsupported_case_is_skipped_with_reason(monkeypatch):
     assert "skip" in rendered(report)
 
 
-def test_position_family_layer_one_only(monkeypatch):
+def test_position_encoding_layer_one_only(monkeypatch):
     class Table(nn.Module):
-        """Learned N×(H·D) table added to x."""
+        """Learned N×(H·D) table added to x: declared, not inferred from its family."""
+
+        inputs = "x"
+        comparable = "position"
+        causal_applies = False
+        fidelity = None
+        no_fidelity_reason = "not attention"
 
         def __init__(self, *, head_dim, heads, n, causal, seed):
             super().__init__()
@@ -237,19 +244,20 @@ def test_position_family_layer_one_only(monkeypatch):
         def reference(self, x):
             return x + self.table[: x.shape[1]]
 
-    temporary(monkeypatch, Table, name="t-table", family="position", complexity="O(N·D)")
+    temporary(monkeypatch, Table, name="t-table", family="low-rank", complexity="O(N·D)")
     report = run_verify(["t-table"], 64, "cpu", "float32", 0, None)
     assert report.passed
     grads = [r for r in report.rows if r.check == "impl-grad"]
     assert grads and all("x " in r.detail and "table" in r.detail for r in grads)  # input and parameter
     fid = [r for r in report.rows if r.check == "fidelity"]
     assert len(fid) == 1 and fid[0].passed is None and fid[0].detail.startswith("n/a")
+    assert fid[0].applicable is False and fid[0].reason == "not attention" and fid[0].result == "n/a"
     assert "n/a" in rendered(report)
 
 
 # ------------------------------------------------------------------ fidelity sweeps and trends
 
-def _window_mech(monkeypatch, *, leak_at_full: bool = False):
+def _window_mech(monkeypatch, *, leak_at_full: bool = False, fidelity=None):
     class Window(nn.Module):
         """Exact sliding window (dense mask), a stand-in for a sparse mechanism with a window knob."""
 
@@ -269,14 +277,15 @@ def _window_mech(monkeypatch, *, leak_at_full: bool = False):
             mask = ((i - j) <= w) & ((i - j) >= (0 if self.causal else -w))
             return mechanisms.masked_softmax_attention(q, k, v, mask)
 
+    if fidelity is not None:
+        Window.fidelity = fidelity
     return temporary(monkeypatch, Window, name="t-window", family="sparse", complexity="O(N·W)",
                      knobs=[Knob("window", 16, axis="window", minimum=1)])
 
 
-def test_trend_table_applies_to_registered_name(monkeypatch):
-    _window_mech(monkeypatch)
-    monkeypatch.setitem(verify.TRENDS, "t-window",
-                        ("window", (4, 16, "N-1"), ("decreasing", ("equals_dense_at", "N-1"))))
+def test_declared_trends_are_checked(monkeypatch):
+    _window_mech(monkeypatch, fidelity=(Fidelity("window", (4, 16, "N-1"),
+                                                 ("decreasing", ("equals_dense_at", "N-1"))),))
     report = run_verify(["t-window"], 100, "cpu", "float32", 0, None)
     assert report.passed, summary_line(report)
     fid = [r for r in report.rows if r.check == "fidelity" and r.causal is False]
@@ -288,12 +297,12 @@ def test_trend_table_applies_to_registered_name(monkeypatch):
 
 
 def test_broken_promise_fails_the_trend(monkeypatch):
-    _window_mech(monkeypatch, leak_at_full=True)  # window N-1 quietly drops the farthest key
-    monkeypatch.setitem(verify.TRENDS, "t-window", ("window", (4, "N-1"), (("equals_dense_at", "N-1"),)))
+    _window_mech(monkeypatch, leak_at_full=True,  # window N-1 quietly drops the farthest key
+                 fidelity=[("window", (4, "N-1"), (("equals_dense_at", "N-1"),))])  # the older tuple form
     report = run_verify(["t-window"], 100, "cpu", "float32", 0, None)
     assert not report.passed
     bad = [r for r in report.rows if r.passed is False]
-    assert bad and all(r.check == "trend" and r.knob_value == 99 for r in bad)
+    assert bad and all(r.check == "trend" and r.knob_value == 99 and r.trend == "equals_dense_at" for r in bad)
     assert "t-window" in summary_line(report)
 
 
@@ -304,31 +313,34 @@ def test_trend_expectations_on_synthetic_rows():
 
     spec = mechanisms.get("dense")
     vals = [16, 64, 256, 1024]
-    half = rows([0.4, 0.2, 0.1, 0.05], vals)
-    [ok] = verify._trends(spec, "k", vals, half, [("ratio_per_4x", 0.35, 0.65)], n=100, causal=False, tol=1e-5)
-    assert ok.passed and ok.error_rel == pytest.approx(0.5)
-    flat = rows([0.4, 0.39, 0.4, 0.38], vals)
-    [bad] = verify._trends(spec, "k", vals, flat, [("ratio_per_4x", 0.35, 0.65)], n=100, causal=False, tol=1e-5)
-    assert bad.passed is False
-    up = rows([0.1, 0.2, 0.15, 0.05], vals)
-    [bad] = verify._trends(spec, "k", vals, up, ["decreasing"], n=100, causal=False, tol=1e-5)
-    assert bad.passed is False
-    [na] = verify._trends(spec, "k", vals, {}, ["decreasing"], n=100, causal=False, tol=1e-5)
-    assert na.passed is None and "n/a" in na.detail
+
+    def trend(points, expect):
+        return check_trend(spec, "k", vals, points, expect, n=100, causal=False, tol=1e-5)
+
+    ok = trend(rows([0.4, 0.2, 0.1, 0.05], vals), mechanisms.ratio_per_4x(0.35, 0.65))
+    assert ok.passed and ok.error_rel == pytest.approx(0.5) and ok.expected == "0.35–0.65"
+    assert trend(rows([0.4, 0.39, 0.4, 0.38], vals), ("ratio_per_4x", 0.35, 0.65)).passed is False
+    assert trend(rows([0.1, 0.2, 0.15, 0.05], vals), mechanisms.decreasing()).passed is False
+    na = trend({}, "decreasing")
+    assert na.passed is None and "n/a" in na.detail and na.applicable is False and na.result == "n/a"
 
 
 # ------------------------------------------------------------------ knobs, arguments, CSV
 
 @pytest.mark.parametrize("n", [200, 777, 1000, 64])
 def test_small_values_are_awkward(n):
-    for axis in verify.LENGTH_AXES:
-        knob = Knob("x", 8, axis=axis, minimum=1)
-        v = verify.small_value(knob, n)
+    length_axes = {k.axis for spec in mechanisms.REGISTRY.values() for k in spec.knobs if k.length}
+    assert {"window", "block", "bucket", "segment", "memory"} <= length_axes
+    for axis in length_axes:
+        knob = Knob("x", 8, axis=axis, minimum=1)  # declares nothing: its axis' declaration applies
+        v = small_value(knob, n)
         assert 1 <= v <= max(1, n // 4) + 64 and (v == 1 or n % v != 0), (axis, n, v)
-    assert verify.small_value(Knob("x", 64, axis="window", minimum=50), 200) >= 50
-    assert verify.small_value(Knob("x", 4, axis="block", maximum=5), 200) <= 5
-    assert verify.small_value(Knob("x", 16, axis="block", choices=(16, 64)), 200) == 16
-    assert verify.small_value(Knob("impl", "eager", type=str, choices=("eager", "flex")), 200) == "eager"
+    assert small_value(Knob("x", 64, axis="window", minimum=50), 200) >= 50
+    assert small_value(Knob("x", 4, axis="block", maximum=5), 200) <= 5
+    assert small_value(Knob("x", 16, axis="block", choices=(16, 64)), 200) == 16
+    assert small_value(Knob("impl", "eager", type=str, choices=("eager", "flex")), 200) == "eager"
+    assert small_value(Knob("x", 8, axis="brand_new_axis", small=5, length=True), 200) == 6  # off 200's divisors
+    assert small_value(Knob("x", 8, axis="brand_new_axis"), 200) == 8  # nothing declared: the default
 
 
 def test_bad_arguments_are_domain_errors():
@@ -348,13 +360,17 @@ def test_csv_schema_and_progress(tmp_path):
     path = write_csv(report, tmp_path / "sub" / "verify.csv")
     with path.open() as fh:
         reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == verify.COLUMNS == (
+        assert tuple(reader.fieldnames) == verify.COLUMNS
+        assert verify.COLUMNS[:12] == (  # the columns of earlier versions come first, in their order
             "mechanism", "check", "knob", "knob_value", "n", "causal", "error_rel", "cosine", "max_abs_err",
             "tolerance", "passed", "detail")
         rows = list(reader)
     assert len(rows) == len(report.rows)
     assert {r["check"] for r in rows} == {"impl-output", "impl-grad", "fidelity"}
     assert all(r["passed"] == "True" and r["n"] == "64" and not math.isnan(float(r["max_abs_err"])) for r in rows)
+    assert {r["result"] for r in rows} == {"pass"} and {r["mode"] for r in rows} == {"causal", "bidirectional"}
+    back = verify.read_csv(path)
+    assert len(back) == len(rows) and list(back.columns) == list(verify.COLUMNS)
 
 
 def test_fidelity_rows_plot_ready(monkeypatch, tmp_path):

@@ -1,0 +1,101 @@
+"""`effbench verify`: does each mechanism compute what it claims, and what accuracy does it give up?
+
+Two layers, for every registered mechanism (plugins included), in-process on small N, both read
+from what the mechanism declares (``mechanisms.base``: knobs' ``small``/``length``, ``fidelity``,
+``exact_at``, ``inputs``, ``causal_applies``), never from its name:
+
+1. **Implementation** (:mod:`.implementation`): forward and gradients against the mechanism's own
+   ``reference()`` in float64, on B=2, H=3, N=777 with every knob at its small awkward value so that
+   no window, block, bucket, chunk or segment tiles N; causal and bidirectional where supported.
+2. **Fidelity** (:mod:`.fidelity`): the error against exact attention over the declared sweep, and
+   the declared trends theory promises.
+
+The rows are :class:`.report.CheckResult` records; :mod:`.report` writes and reads the CSV and
+``effbench.render`` draws the table. Deterministic under ``seed``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mechanisms
+
+from ..cases import DTYPES
+from ..errors import one_line
+from ..units import UsageError
+from .fidelity import check_fidelity, check_trend
+from .implementation import check_implementation
+from .report import COLUMNS, CheckResult, VerifyReport, read_csv, write_csv
+from .settings import BATCH, DEFAULT_N, HEADS, TOLERANCES, fmt_knobs, mode_label, small_value, choose_knobs
+
+__all__ = ["COLUMNS", "CheckResult", "VerifyReport", "check_fidelity", "check_implementation", "check_trend",
+           "read_csv", "run_verify", "small_value", "verify_mechanism", "write_csv"]
+
+
+def run_verify(mechs: list[str] | None, n: int | None, device: str = "cpu", dtype: str = "float32",
+               seed: int = 0, tolerance: float | None = None,
+               progress: Callable[[int, int, str], None] | None = None) -> VerifyReport:
+    """Verify ``mechs`` (None, [] or ["all"]: every registered mechanism) and return the report.
+
+    ``progress(done, total, label)`` is called before each mechanism (label = its name) and once at
+    the end (done == total, label "done"). Raises UsageError / RegistryError for bad arguments;
+    never for a mechanism's own failure (that is a failed row).
+    """
+    from ..devices import resolve_device
+
+    names = list(mechanisms.REGISTRY) if not mechs or list(mechs) == ["all"] else list(dict.fromkeys(mechs))
+    for name in names:
+        mechanisms.get(name)  # raises with the valid choices
+    n = DEFAULT_N if n is None else int(n)
+    if n < 2:
+        raise UsageError(f"--n must be at least 2, got {n}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    tol = TOLERANCES[dtype] if tolerance is None else float(tolerance)
+    if not tol > 0:
+        raise UsageError(f"--tolerance must be positive, got {tolerance}")
+    rows: list[CheckResult] = []
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), name)
+        rows += verify_mechanism(mechanisms.get(name), n=n, device=device, dtype=dtype, seed=seed, tol=tol)
+    if progress:
+        progress(len(names), len(names), "done")
+    report = VerifyReport(rows=rows, mechanisms=names, n=n, dtype=dtype, device=device, seed=seed, tolerance=tol)
+    report.passed = all(r.passed is not False for r in rows)
+    return report
+
+
+def verify_mechanism(spec, *, n: int, device: str, dtype: str, seed: int, tol: float) -> list[CheckResult]:
+    """Every check of one mechanism: implementation per causal mode, then its fidelity layer."""
+    rows: list[CheckResult] = []
+    for causal in spec.causal_modes:
+        mode = mode_label(spec, causal)
+        base = dict(mechanism=spec.name, check="impl-output", n=n, causal=causal, mode=mode)
+        try:
+            knobs, reasons = choose_knobs(spec, n, causal, batch=BATCH, heads=HEADS, mode="fwd+bwd", dtype=dtype,
+                                          device=device, seed=seed)
+        except Exception as exc:
+            why = f"unsupported() raised {one_line(exc, 200, first_line=True)}"
+            rows.append(CheckResult(tolerance=tol, passed=False, reason=why, detail=f"{mode}; {why}", **base))
+            continue
+        if knobs is None:
+            why = "; ".join(reasons)
+            rows.append(CheckResult(reason=why, detail=f"{mode}; skipped: {why}", **base))
+            continue
+        rows += check_implementation(spec, n=n, causal=causal, knobs=knobs, dtype=dtype, device=device,
+                                     seed=seed, tol=tol)
+        if spec.fidelity is None:
+            continue
+        try:
+            rows += check_fidelity(spec, n=n, causal=causal, base_knobs=knobs, dtype=dtype, device=device,
+                                   seed=seed, tol=tol)
+        except Exception as exc:
+            why = one_line(exc, 200, first_line=True)
+            rows.append(CheckResult(mechanism=spec.name, check="fidelity", n=n, causal=causal, mode=mode,
+                                    passed=False, reason=why, detail=f"{mode}; {why}", knobs=fmt_knobs(knobs)))
+    if spec.fidelity is None:
+        rows.append(CheckResult(mechanism=spec.name, check="fidelity", n=n, applicable=False,
+                                reason=spec.no_fidelity_reason, detail=f"n/a: {spec.no_fidelity_reason}"))
+    return rows
