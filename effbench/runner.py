@@ -100,7 +100,12 @@ def predict(case: Case) -> Prediction:
     """
     module, _ = workload.build_module(case)
     params = workload.param_bytes(module)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # FakeTensorMode's dispatch cache is shared by every mode in the process: an op answered from it returns
+    # outputs the tracker may see differently from a first call, so a second prediction in one process could
+    # differ from the first. Off, every prediction is made the way a fresh child makes it.
+    mode.cache_enabled = False
+    with mode:
         inputs, call = workload.make_call(case, module)
         input_bytes = int(sum(t.untyped_storage().nbytes() for t in inputs)) + params
         call()  # warm, as the real passes measure a warm call: lazily built state is not part of the peak

@@ -28,6 +28,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch._subclasses.fake_tensor import FakeTensor
+
+from ..errors import one_line
 from torch.utils._pytree import tree_flatten
 
 
@@ -42,17 +44,17 @@ def _storages(obj: Any) -> list:
     return out
 
 
-def _fake_twins(args, kwargs, out) -> set[int]:
+def _fake_twins(args, kwargs, out) -> list:
     """Under a FakeTensorMode (a prediction), a real argument (a module's parameter or buffer) enters the
     op as its memoised fake twin: the twin's storage is the argument's, not a new allocation."""
     flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, FakeTensor)]
     if not flat_out:
-        return set()
+        return []
     mode = flat_out[0].fake_mode
-    twins = set()
+    twins = []
     for t in tree_flatten((args, kwargs))[0]:
         if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor):
-            twins.add(id(mode.from_tensor(t).untyped_storage()))
+            twins.append(mode.from_tensor(t).untyped_storage())
     return twins
 
 
@@ -79,9 +81,13 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {id(s) for s in _storages((args, kwargs))} | _fake_twins(args, kwargs, out)
+        # Keyed by the C++ StorageImpl (``_cdata``), and the input storages held until the outputs are checked:
+        # keyed by id() of short-lived Python wrappers, an output could take a just-freed input wrapper's address
+        # and be taken for that input, so the count depended on the allocator's address reuse.
+        held = _storages((args, kwargs)) + _fake_twins(args, kwargs, out)
+        inputs = {s._cdata for s in held}
         for st in _storages(out):
-            key = id(st)
+            key = st._cdata
             if key in inputs or key in self._live:
                 continue
             nbytes = st.nbytes()
@@ -257,7 +263,7 @@ class NvmlSampler:
         try:
             used, mine = self._read()
         except Exception as exc:
-            self.error = self.error or f"{type(exc).__name__}: {exc}"
+            self.error = self.error or one_line(exc)
             return False
         self.samples += 1
         self.peak_used = used if self.peak_used is None else max(self.peak_used, used)
@@ -269,7 +275,7 @@ class NvmlSampler:
         try:
             self.baseline, _ = self._read()
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = one_line(exc)
             return self
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
