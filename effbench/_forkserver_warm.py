@@ -11,8 +11,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from effbench.measure.flops import count_flops
 from effbench.measure.memory import tracked_peak
 
-with FakeTensorMode():
-    _q = torch.randn(1, 1, 8, 8)
-    tracked_peak(lambda: torch.softmax(_q @ _q.transpose(-1, -2), -1) @ _q)
-    count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(_q, _q, _q))
-del _q
+
+def _warm() -> None:
+    with FakeTensorMode():
+        q = torch.randn(1, 1, 8, 8)
+        tracked_peak(lambda: torch.softmax(q @ q.transpose(-1, -2), -1) @ q)
+        count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+
+
+_warm()

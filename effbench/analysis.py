@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -303,24 +302,6 @@ def analyse(df: pd.DataFrame, budget_bytes: int | None = None, source: str = "re
 
 
 # --------------------------------------------------------------------------- verify output
-
-VERIFY_COLUMNS = ("mechanism", "check", "knob", "knob_value", "error_rel")
-
-
-def read_verify(path: str | Path) -> pd.DataFrame:
-    """Read an ``effbench verify`` CSV; raise ResultsError when it is missing or not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise results.ResultsError(f"verify file not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype={"knob": str, "check": str, "mechanism": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise results.ResultsError(f"{path} could not be parsed as an effbench verify CSV: {exc}") from None
-    missing = [c for c in VERIFY_COLUMNS if c not in df.columns]
-    if missing:
-        raise results.ResultsError(f"{path} is not an effbench verify CSV (missing columns: {', '.join(missing)})")
-    return df
-
 
 def knob_sweeps(verify: pd.DataFrame) -> pd.DataFrame:
     """Fidelity rows with a swept knob and numbers: mechanism, knob, knob_value, error_rel, causal, n."""

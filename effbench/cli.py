@@ -326,6 +326,7 @@ def verify(
         check_choice(dtype, DTYPES, "--dtype")
         dev = check_device(device)
         check_at_least("--n", n, 2)
+        check_at_least("--tolerance", tolerance, 0, strict=True)
         check_at_least("--threads", threads, 1)
         if threads:
             torch.set_num_threads(threads)
@@ -344,7 +345,20 @@ def verify(
 
 
 def main() -> None:
-    app()
+    """The console script: a malformed option (``--batch abc``) is one line and exit 2, like every other bad input."""
+    try:  # Typer ≥ 0.20 vendors Click; older Typer depends on it
+        from typer._click.exceptions import UsageError as ClickUsageError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import UsageError as ClickUsageError
+    try:
+        code = app(standalone_mode=False)
+    except ClickUsageError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except typer.Abort:
+        err_console.print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ def error_figure(verify: pd.DataFrame) -> PlotResult | None:
         values = np.sort(group["knob_value"].unique())
         ax.set_xscale("log" if (values > 0).all() else "symlog", **({} if (values > 0).all() else {"linthresh": 1}))
         ax.set_yscale("log", nonpositive="mask")
-        if knob == "features":
+        if _promises_ratio(mech, knob):  # a declared error ×(lo..hi) per ×4 of the knob: draw 1/√knob beside it
             _inverse_sqrt_reference(ax, group)
         ax.set_xticks(values)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
@@ -292,6 +292,15 @@ def error_figure(verify: pd.DataFrame) -> PlotResult | None:
         ax.set_visible(False)
     fig.suptitle("Fidelity against dense attention vs each mechanism's knob (effbench verify)")
     return result
+
+
+def _promises_ratio(mechanism: str, knob: str) -> bool:
+    """Does ``mechanism`` declare a ``ratio_per_4x`` trend on ``knob`` (a Monte-Carlo 1/√m error)?"""
+    import mechanisms
+
+    spec = mechanisms.REGISTRY.get(mechanism)
+    sweeps = (spec.fidelity or ()) if spec is not None else ()
+    return any(t.kind == "ratio_per_4x" for f in sweeps if f.knob == knob for t in f.expect)
 
 
 def _inverse_sqrt_reference(ax, group: pd.DataFrame) -> None:

@@ -81,12 +81,13 @@ def verdict(slope: float) -> str:
     return "in between"
 
 
-def fit_configs(pts: pd.DataFrame) -> dict[tuple[str, str], Fit]:
-    """Fit per (configuration, metric) over its ok points (metrics: ``time``, ``memory``)."""
+def fit_configs(pts: pd.DataFrame, metrics: dict[str, str] | None = None) -> dict[tuple[str, str], Fit]:
+    """Fit per (configuration, metric) over its ok points (``metrics``: name -> column; default ``time`` and
+    ``memory``)."""
     ok = pts[pts["status"].eq(Status.OK)]
     out: dict[tuple[str, str], Fit] = {}
     for config, group in ok.groupby("config", sort=False):
-        for metric, col in METRICS.items():
+        for metric, col in (METRICS if metrics is None else metrics).items():
             fit = fit_loglog(group["n"], group[col])
             if fit is not None:
                 out[(config, metric)] = fit

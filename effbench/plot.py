@@ -25,6 +25,7 @@ from .figure_base import PlotResult, save_figure
 from .status import Status
 from .summary import Summary
 from .units import UsageError, fmt_bytes, parse_bytes
+from .verify.report import read_csv as read_verify_csv
 
 
 @dataclass
@@ -136,7 +137,7 @@ def make_report(csv_path: str | Path, out_dir: str | Path | None = None, formats
     fmts = parse_formats(formats)
     budget = _budget(budget_bytes)
     an = analysis.analyse(results.read_results(csv_path), budget, source=str(csv_path))
-    verify = analysis.read_verify(verify_csv) if verify_csv is not None else None
+    verify = read_verify_csv(verify_csv) if verify_csv is not None else None
     out = Path(out_dir) if out_dir is not None else default_out_dir(csv_path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .errors import one_line
+
 _LOADED: dict[str, str] = {}
 
 
@@ -32,7 +34,7 @@ def load_plugin(path: str | Path) -> str:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise PluginError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from None
+        raise PluginError(f"plugin {path} failed to import: {one_line(exc)}") from None
     _LOADED[key] = name
     return name
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import pandas as pd
 
-from .fits import Fit, fit_loglog, ratio
+from .fits import Fit, fit_configs, ratio
 from .status import Status
 
 QUANTITIES = {"params": "param_bytes", "memory": "memory_bytes"}  # quantity -> column of the points frame
@@ -36,13 +36,7 @@ class Positions:
 
 def _fit_quantities(ok: pd.DataFrame) -> dict[tuple[str, str], Fit]:
     """Log-log fit of parameters and of memory vs N per configuration (ok points only)."""
-    fitted: dict[tuple[str, str], Fit] = {}
-    for config, group in ok.groupby("config", sort=False):
-        for quantity, col in QUANTITIES.items():
-            fit = fit_loglog(group["n"], group[col])
-            if fit is not None:
-                fitted[(config, quantity)] = fit
-    return fitted
+    return fit_configs(ok, QUANTITIES)
 
 
 def reference_config(reps: pd.DataFrame, ok: pd.DataFrame, fitted: dict[tuple[str, str], Fit]) -> str | None:

@@ -16,6 +16,7 @@ from rich.table import Table
 import mechanisms
 
 from .status import Status
+from .verify.report import Outcome
 from .units import fmt_bytes, fmt_flops, fmt_ms
 
 LOG_WIDTH = 240
@@ -24,7 +25,7 @@ LOG_WIDTH = 240
 STYLES: dict[str, str] = {
     Status.OK: "green", Status.SKIPPED: "dim", Status.PREDICTED_OOM: "yellow", Status.OOM: "red",
     Status.TIMEOUT: "red", Status.KILLED: "red", Status.ERROR: "red",
-    "pass": "green", "fail": "bold red", "skip": "dim", "n/a": "dim",
+    Outcome.PASS: "green", Outcome.FAIL: "bold red", Outcome.SKIP: "dim", Outcome.NA: "dim",
 }
 
 
@@ -36,6 +37,7 @@ def console(stderr: bool = False) -> Console:
 
 
 def styled(text: Any, key: str | None = None) -> str:
+    """``text`` in the style of ``key`` (a Status or Outcome; default: ``text`` itself)."""
     key = str(text) if key is None else key
     return f"[{STYLES.get(key, 'red')}]{text}[/]"
 
@@ -141,7 +143,7 @@ def _sweep_cells(group) -> tuple[str, str, str]:
     if failed:
         detail += f"; {failed[0].reason}"
     err = " → ".join(f"{g.error_rel:.3g} ({g.cosine:.3f})" for g in ran) or "—"
-    result = "fail" if failed else ("pass" if ran else "skip")
+    result = Outcome.FAIL if failed else (Outcome.PASS if ran else Outcome.SKIP)
     return detail, err, result
 
 
@@ -156,6 +158,10 @@ def _check_error(r) -> str:
             return f"×{r.error_rel:.2f}"
         return f"last/first {_g(r.error_rel)}" if r.error_rel is not None else "—"
     return f"{_e(r.max_abs_err)} (rel {_e(r.error_rel)})" if r.max_abs_err is not None else "—"
+
+
+def _outcome(result: Outcome) -> str:
+    return styled(result.value.upper() if result is Outcome.FAIL else result.value, result)
 
 
 def verify_table(report) -> Table:
@@ -177,12 +183,10 @@ def verify_table(report) -> Table:
                     and rows[j].causal == r.causal and rows[j].knob == r.knob:
                 j += 1
             detail, err, result = _sweep_cells(rows[i:j])
-            table.add_row(mech, "fidelity", detail, err, _e(r.tolerance), styled(result.upper() if result == "fail" else result, result))
+            table.add_row(mech, "fidelity", detail, err, _e(r.tolerance), _outcome(result))
             i = j
             continue
-        result = r.result
-        table.add_row(mech, r.check, r.detail, _check_error(r), _e(r.tolerance),
-                      styled(result.upper() if result == "fail" else result, result))
+        table.add_row(mech, r.check, r.detail, _check_error(r), _e(r.tolerance), _outcome(r.result))
         i += 1
     return table
 

@@ -48,4 +48,18 @@ def is_length(knob) -> bool:
 
 
 def sweep_values_of(knob) -> tuple:
-    return tuple(_axis_attr(knob, "sweep", ()))
+    """Values of an informational fidelity sweep for ``knob``: its own ``sweep``, else another knob's on the
+    same axis, else the values of a fidelity sweep a registered mechanism declares on a knob of that axis."""
+    values = tuple(_axis_attr(knob, "sweep", ()))
+    if values or knob.axis is None:
+        return values
+    from .base import REGISTRY, _declared
+
+    for spec in REGISTRY.values():
+        if "fidelity" not in _declared(spec.cls) and getattr(spec.cls, "verify_sweep", None) is None:
+            continue  # only declared sweeps (a default one would come back here)
+        axis_of = {k.name: k.axis for k in spec.knobs}
+        for sweep in spec.fidelity or ():
+            if axis_of.get(sweep.knob) == knob.axis:
+                return tuple(sweep.values)
+    return ()

@@ -183,10 +183,15 @@ class MechanismSpec:
         return str(getattr(self.cls, "comparable", "attention"))
 
     @property
+    def causal_applies(self) -> bool:
+        """False for a mechanism with no notion of causality (a position encoding)."""
+        return bool(getattr(self.cls, "causal_applies", True))
+
+    @property
     def causal_modes(self) -> list[bool]:
         """The causal settings to check: both (each subject to ``unsupported``), or one where causality
         does not apply (a position encoding)."""
-        if getattr(self.cls, "causal_applies", True):
+        if self.causal_applies:
             return [False, True]
         return [False] if self.supports_bidirectional else [True]
 

@@ -63,7 +63,7 @@ def bigbird_pattern(n: int, block: int, causal: bool, table: torch.Tensor):
 @register(
     name="bigbird", family="sparse", complexity="O(N·b·(5+r)·D)", memory="O(N·D) inference, O(N·b·(5+r)) with grad",
     knobs=[
-        Knob("block", default=64, axis="block", minimum=1, small=16, length=True, sweep=(8, 16, 32, 64),
+        Knob("block", default=64, axis="block", minimum=1, small=16, length=True,
              help="block size b"),
         Knob("random_blocks", default=3, minimum=0, help="random key blocks r per middle query block"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),

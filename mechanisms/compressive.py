@@ -9,11 +9,9 @@ from .base import Fidelity, Knob, register
 
 
 @register(name="compressive", family="recurrent", complexity="O(N·(L+M+Mc)·D)", memory="O(N·(L+M+Mc))",
-          knobs=[Knob("segment", default=128, axis="segment", minimum=1, small=50, length=True,
-                      sweep=(16, 64, 256), help="segment length L"),
-                 Knob("memory", default=128, axis="memory", minimum=0, small=40, length=True,
-                      sweep=(0, 16, 64, "N"), help="cached positions M"),
-                 Knob("compress", default=4, axis="compress", minimum=1, small=3, sweep=(1, 2, 4),
+          knobs=[Knob("segment", default=128, axis="segment", minimum=1, small=50, length=True, help="segment length L"),
+                 Knob("memory", default=128, axis="memory", minimum=0, small=40, length=True, help="cached positions M"),
+                 Knob("compress", default=4, axis="compress", minimum=1, small=3,
                       help="compression rate c"),
                  Knob("compressed", default=64, minimum=0, help="compressed memory slots Mc")])
 class CompressiveAttention(SegmentRecurrence):

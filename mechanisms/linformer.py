@@ -12,7 +12,7 @@ from .base import Fidelity, Knob, masked_softmax_attention, register
 
 
 @register(name="linformer", family="low-rank", complexity="O(N·k·D)", memory="O(N·D + k·N)",
-          knobs=[Knob("rank", default=256, axis="rank", minimum=1, small=48, sweep=(16, 64, 256),
+          knobs=[Knob("rank", default=256, axis="rank", minimum=1, small=48,
                       help="k, the projected sequence length")])
 class LinformerAttention(nn.Module):
     """Linformer: softmax(Q (E K)ᵀ/√D) (F V) with learned E, F ∈ ℝ^{k×N}; k = `rank`.

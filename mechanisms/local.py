@@ -19,7 +19,7 @@ def local_offsets(window: int, causal: bool):
 @register(
     name="local", family="sparse", complexity="O(N·W·D)", memory="O(N·D)",
     knobs=[
-        Knob("window", default=256, axis="window", minimum=1, small=37, length=True, sweep=(8, 32, 128, "N-1"), help="one-sided window w"),
+        Knob("window", default=256, axis="window", minimum=1, small=37, length=True, help="one-sided window w"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: banded chunks through fused SDPA; flex: compiled FlexAttention"),
     ],

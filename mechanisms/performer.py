@@ -29,7 +29,7 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Ten
 
 
 @register(name="performer", family="kernel", complexity="O(N·m·D)", memory="O(N·D + m·D)",
-          knobs=[Knob("features", default=256, axis="features", minimum=1, small=48, sweep=(16, 64, 256, 1024),
+          knobs=[Knob("features", default=256, axis="features", minimum=1, small=48,
                       help="m, the number of random features"),
                  Knob("chunk", default=64, minimum=1,
                       help="causal only: positions per chunk (masked C×C block inside, carried m×D state across)"),

@@ -16,7 +16,7 @@ from .base import Fidelity, Knob, decreasing, register
     name="reformer", family="hashing",
     complexity="O(N·R·(c + n_b)·D + N·R·log N)", memory="O(N·(c + D))",
     knobs=[
-        Knob("rounds", default=1, axis="rounds", minimum=1, small=2, sweep=(1, 2, 4, 8), help="hash rounds R"),
+        Knob("rounds", default=1, axis="rounds", minimum=1, small=2, help="hash rounds R"),
         Knob("bucket", default=64, axis="bucket", minimum=1, small=48, length=True, sweep=(16, 32, 64, 128),
              help="chunk length c of the sorted sequence"),
         Knob("buckets", default=0, minimum=0,

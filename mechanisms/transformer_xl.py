@@ -11,8 +11,7 @@ from .base import Fidelity, Knob, decreasing, equals_dense_at, register
 @register(name="transformer-xl", family="recurrent", complexity="O(N·(L+M)·D)", memory="O(N·(L+M))",
           knobs=[Knob("segment", default=128, axis="segment", minimum=1, small=50, length=True,
                       sweep=(16, 64, 256), help="segment length L"),
-                 Knob("memory", default=128, axis="memory", minimum=0, small=40, length=True,
-                      sweep=(0, 16, 64, "N"), help="cached positions M")])
+                 Knob("memory", default=128, axis="memory", minimum=0, small=40, length=True, help="cached positions M")])
 class TransformerXLAttention(SegmentRecurrence):
     """Transformer-XL segment recurrence: causal attention within a segment plus a detached memory.
 

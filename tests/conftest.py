@@ -20,9 +20,16 @@ def pytest_configure(config):
     import mechanisms
     from effbench.plugins import load_plugins
 
+    from effbench.plugins import PluginError
+
     before = set(mechanisms.REGISTRY)
-    load_plugins(files)
+    try:
+        load_plugins(files)
+    except PluginError as exc:
+        raise pytest.UsageError(f"--plugin: {exc}") from None
     config.contract_mechanisms = [name for name in mechanisms.REGISTRY if name not in before]
+    if not config.contract_mechanisms:
+        raise pytest.UsageError(f"--plugin {', '.join(files)}: the file(s) register no mechanism")
 
 
 @pytest.fixture

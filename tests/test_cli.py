@@ -151,3 +151,20 @@ def test_tables_stay_one_row_per_line_in_a_log_file(tmp_path):
     row = next(line for line in lines if "transformer-xl" in line)
     assert "O(N·(L+M)·D)" in row and "segment=128 (--segment)" in row and "memory=128 (--memory)" in row
     assert max(len(line) for line in lines) > 80
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sweep", "--batch", "abc"], "Invalid value for '--batch'"),
+    (["verify", "--n", "abc"], "Invalid value for '--n'"),
+    (["sweep", "--mech", "dense", "--bogus"], "No such option: --bogus"),
+])
+def test_malformed_options_are_one_line_from_the_console_script(args, needle):
+    """Typer's own parse errors (not a domain error) also end as one line and exit 2 from `effbench`."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "effbench", *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], run.stderr
+    assert "Traceback" not in run.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,16 @@ import pandas as pd
 
 from ..results import ResultsError
 
-RESULTS = ("pass", "fail", "skip", "n/a")
+class Outcome(str, Enum):
+    """What became of one check (the ``result`` column)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"  # could not run here (the mechanism said why)
+    NA = "n/a"  # does not apply (a trend without the points it needs, a position encoding's fidelity)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -48,16 +58,16 @@ class CheckResult:
     knobs: str = ""  # the knob setting of the check
 
     @property
-    def result(self) -> str:
+    def result(self) -> Outcome:
         if self.passed is True:
-            return "pass"
+            return Outcome.PASS
         if self.passed is False:
-            return "fail"
-        return "skip" if self.applicable else "n/a"
+            return Outcome.FAIL
+        return Outcome.SKIP if self.applicable else Outcome.NA
 
     def as_row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in fields(self)}
-        row["result"] = self.result
+        row["result"] = self.result.value
         return row
 
 

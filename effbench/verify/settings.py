@@ -24,7 +24,7 @@ TOLERANCES = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 5e
 
 
 def mode_label(spec: mechanisms.MechanismSpec, causal: bool | None) -> str:
-    if not getattr(spec.cls, "causal_applies", True):
+    if not spec.causal_applies:
         return "position encoding"
     return "causal" if causal else "bidirectional"
 
