@@ -344,6 +344,70 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+@with_axis_options
+def profile(
+    mech: Annotated[str, typer.Option("--mech", "-m", help="The one mechanism to profile.")] = "dense",
+    n: Annotated[str, typer.Option("--n", "-n", help="The one sequence length.")] = "2048",
+    batch: BatchOpt = 1,
+    heads: HeadsOpt = 8,
+    head_dim: HeadDimOpt = 64,
+    dtype: DtypeOpt = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
+    mode: ModeOpt = "fwd",
+    causal: CausalOpt = False,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before profiling.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Profiled calls.")] = 3,
+    timeout: Annotated[float, typer.Option(help="Seconds before the case's child process is killed.")] = 300.0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for trace.json, ops.md and the memory timeline.")] = Path("profile"),
+    seed: SeedOpt = 0,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads in the case (default: torch's).")] = None,
+    knob: KnobOpt = None,
+    plugin: PluginOpt = None,
+    axes: dict | None = None,
+) -> None:
+    """Where one case's time and memory go: a torch.profiler trace, the top ops, and the tracked memory after every op."""
+    from .profile import run_profile
+
+    with domain_errors():
+        check_at_least("--timeout", timeout, 0, strict=True)
+        check_at_least("--warmup", warmup, 0)
+        check_at_least("--repeats", repeats, 1)
+        check_at_least("--threads", threads, 1)
+        cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+                           device=check_device(device), mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
+        if len(cases) != 1:
+            raise UsageError(f"profile runs one case; these options give {len(cases)} (one --mech, one --n, one value per knob)")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; give a directory")
+        with progress_bar(transient=True) as progress:
+            progress.add_task(f"profile {cases[0].label()} n={cases[0].n}", total=None)
+            report = run_profile(cases[0], out, warmup=warmup, repeats=repeats,
+                                 plugins=tuple(str(p) for p in plugin or ()), threads=threads, timeout=timeout)
+    render.print_profile(report, out_console)
+    if report.status != "ok":
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
+) -> None:
+    """The environment, which readings a sweep will have here, and a self-test of each against a known answer; exit 1 on a disagreement."""
+    from .doctor import render_doctor, run_doctor
+
+    with domain_errors():
+        dev = check_device(device)
+        check_at_least("--threads", threads, 1)
+        with progress_bar(transient=True) as progress:
+            progress.add_task("doctor: self-test", total=None)
+            report = run_doctor(dev, threads=threads)
+    render_doctor(report, out_console)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """The console script: a malformed option (``--batch abc``) is one line and exit 2, like every other bad input."""
     try:  # Typer ≥ 0.20 vendors Click; older Typer depends on it

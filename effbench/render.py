@@ -195,3 +195,44 @@ def print_verify(report, out: Console) -> None:
     out.print(verify_table(report))
     style = "green" if report.passed else "bold red"
     out.print(f"[{style}]{summary_line(report)}[/]", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------ profile
+
+def _ops_table(rows: list[dict], title: str, key: str | None) -> Table:
+    table = Table(title=title)
+    cols = [c for c in ("op", "calls", "self_cpu_ms", "self_cpu_pct", "cpu_total_ms", "self_cuda_ms",
+                        "cuda_total_ms", "self_cpu_bytes", "self_cuda_bytes") if any(c in r for r in rows)]
+    for c in cols:
+        table.add_column(c + (" ▼" if c == key else ""), justify="left" if c == "op" else "right")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("—" if v is None else fmt_bytes(v) if c.endswith("_bytes") else
+                         f"{v:,.3f}" if isinstance(v, float) else str(v))
+        table.add_row(*cells)
+    return table
+
+
+def print_profile(report, out: Console, top: int = 10) -> None:
+    """The top ops by time and by memory, the memory peak against one N×N tensor, and the files written."""
+    case = report.case
+    status = str(report.status or "")
+    out.print(f"[bold]profile[/] {case.label()} n={case.n:,} B={case.batch} H={case.heads} D={case.head_dim} "
+              f"{case.dtype} {case.device} {case.mode} {'causal' if case.causal else 'bidirectional'}: "
+              + styled(status) + (f" [dim]{report.error}[/]" if report.error else ""), highlight=False)
+    if report.ops_by_time:
+        out.print(_ops_table(report.ops_by_time[:top], f"top ops by {report.time_key} (per call)", report.time_key))
+    if report.ops_by_memory:
+        out.print(_ops_table(report.ops_by_memory[:top], f"top ops by {report.memory_key} (per call)",
+                             report.memory_key))
+    if report.peak is not None and report.nn_bytes:
+        shapes = ", ".join("×".join(map(str, s)) for s in report.peak.output_shapes) or "—"
+        ratio = report.peak.bytes / report.nn_bytes
+        out.print(f"tracked peak {fmt_bytes(report.peak.bytes)} after op {report.peak.index} {report.peak.op} "
+                  f"(output {shapes}) = {ratio:.2f}× one N×N score tensor ({fmt_bytes(report.nn_bytes)}); "
+                  f"N×N-sized tensors alive at the peak: {report.nn_alive_at_peak}; "
+                  f"{report.ops_count} ops dispatched per call", highlight=False, soft_wrap=True)
+    for path in report.files:
+        out.print(f"[dim]wrote {path}[/]", highlight=False)

@@ -6,6 +6,8 @@
   it works unchanged under ``FakeTensorMode`` (which is how ``predict`` reads a peak
   without allocating anything). It sees storages, not allocator caching or a fused
   kernel's private scratch space: that is what RSS and the CUDA allocator add.
+  :class:`TimelineTracker` is the same tracker recording live bytes after every op
+  (``effbench profile``'s memory timeline); its maximum is the tracker's peak.
 - :func:`rss_pass`: peak resident set size of this process during a call, from
   Linux's VmHWM after resetting it through ``/proc/self/clear_refs``.
 - :func:`cuda_pass`: the allocator's peak, as PyTorch's memory-management notes say:
@@ -102,22 +104,73 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def tracked_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Run ``fn`` under a :class:`StorageTracker`; return (peak bytes, result).
+@dataclass(frozen=True)
+class OpRecord:
+    """One op of a tracked call: its name (``aten::bmm``), the shapes of its tensor outputs, the bytes of new
+    storage it returned, and the live tracked bytes right after it (what :class:`StorageTracker` counts)."""
+
+    index: int
+    op: str
+    output_shapes: tuple[tuple[int, ...], ...]
+    bytes_allocated: int
+    live_bytes: int
+
+
+def _tensor_shapes(out: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(d) for d in t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+
+
+class TimelineTracker(StorageTracker):
+    """A :class:`StorageTracker` that also records an :class:`OpRecord` after every op it sees (in ``ops``).
+
+    Counting is the base class's, unchanged: the live bytes after an op are ``current`` at that moment, so
+    ``max(r.live_bytes for r in ops) == peak``. ``peak_index`` is the first op at which the peak was reached and
+    ``peak_live`` the sizes (bytes, largest first) of the storages alive then. Only shapes and sizes are kept,
+    never a tensor: holding one would keep its storage alive and change what is measured."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[OpRecord] = []
+        self.peak_index: int | None = None
+        self.peak_live: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = set(self._live)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        with self._lock:
+            new = sum(n for k, n in self._live.items() if k not in before)
+            record = OpRecord(index=len(self.ops), op=func._schema.name, output_shapes=_tensor_shapes(out),
+                              bytes_allocated=new, live_bytes=self.current)
+            self.ops.append(record)
+            if self.peak_index is None or record.live_bytes > self.ops[self.peak_index].live_bytes:
+                self.peak_index = record.index
+                self.peak_live = sorted(self._live.values(), reverse=True)
+        return out
+
+
+def track(fn: Callable[[], Any], tracker: StorageTracker | None = None) -> tuple[StorageTracker, Any]:
+    """Run ``fn`` under ``tracker`` (a new :class:`StorageTracker` by default); return (the tracker, result).
 
     Python's cyclic garbage collector is paused during the call: otherwise it runs whenever enough
     objects have been allocated since its last run, which depends on everything that ran before,
     and a temporary caught in a reference cycle would be freed at a different op from run to run.
     With it paused the peak is the same in every run (and the prediction equals the measurement)."""
+    tracker = StorageTracker() if tracker is None else tracker
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with StorageTracker() as tracker:
+        with tracker:
             result = fn()
     finally:
         if was_enabled:
             gc.enable()
+    return tracker, result
+
+
+def tracked_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``fn`` under a :class:`StorageTracker` (through :func:`track`: GC paused); return (peak bytes, result)."""
+    tracker, result = track(fn)
     return tracker.peak, result
 
 
