@@ -8,11 +8,9 @@ not written here: one option per sweep axis that a registered knob declares (``K
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import tempfile
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,9 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import mechanisms
 
 from . import render, results
-from .cases import DTYPES, MODES, CaseError, expand
+from .cases import DTYPES, CaseError
 from .plugins import PluginError, load_plugins
-from .units import UsageError, is_noisy, parse_bytes, parse_int_list, parse_list
+from .options import (  # noqa: F401  the validation every command shares
+    check_at_least, check_choice, check_device, make_cases, memory_budget, parse_knob_options, select_mechanisms,
+    with_axis_options,
+)
+from .units import UsageError, is_noisy, parse_bytes, parse_list
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark and profile efficient attention: time, peak memory, FLOPs, accuracy.")
@@ -56,115 +58,6 @@ CausalOpt = Annotated[bool, typer.Option("--causal/--no-causal", help="Causal (t
 SeedOpt = Annotated[int, typer.Option(help="Seed for inputs and the mechanisms' random state.")]
 KnobOpt = Annotated[Optional[list[str]], typer.Option("--knob", "-k", help="Any knob by name: NAME=V1,V2 (repeatable).")]
 
-AXIS_PREFIX = "axis_"
-
-
-def with_axis_options(command: Callable) -> Callable:
-    """Give ``command`` one ``--<axis>`` option per sweep axis declared by a registered knob; the command
-    receives them as one dict ``axes`` (axis -> comma-list text or None). Axes added by a plugin are
-    set with ``--knob NAME=...`` (the plugin is loaded after the options are parsed)."""
-    sig = inspect.signature(command)
-    taken = {p.name for p in sig.parameters.values()} | {"help"}
-    params = [p for p in sig.parameters.values() if p.name != "axes"]
-    at = next(i for i, p in enumerate(params) if p.name == "knob")
-    axes = [a for a in sorted(mechanisms.axis_knobs()) if a not in taken]
-    for offset, axis in enumerate(axes):
-        flag = "--" + axis.replace("_", "-")
-        help_ = f"Comma list for the {axis} axis ({mechanisms.base.axis_help(axis)}); fed only to mechanisms with a knob on it."
-        params.insert(at + offset, inspect.Parameter(AXIS_PREFIX + axis, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                                     annotation=Annotated[Optional[str], typer.Option(flag, help=help_)]))
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        given = {k[len(AXIS_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(AXIS_PREFIX)}
-        return command(axes=given, **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=params)
-    return wrapper
-
-
-def select_mechanisms(text: str) -> list[str]:
-    names = parse_list(text)
-    if not names:
-        raise UsageError("--mech: no mechanism given; use 'all' or a comma list")
-    if names == ["all"]:
-        return list(mechanisms.REGISTRY)
-    for name in names:
-        mechanisms.get(name)  # raises with the valid choices
-    return list(dict.fromkeys(names))
-
-
-def check_device(device: str) -> str:
-    import torch
-
-    from .devices import resolve_device
-
-    if device in ("auto", "cpu"):
-        return resolve_device(device)
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
-        return resolve_device(device)
-    raise UsageError(f"--device {device!r}: choose auto, cpu or cuda[:index]")
-
-
-def check_at_least(name: str, value: float | None, minimum: float, strict: bool = False) -> None:
-    """``value`` (when given) ≥ ``minimum`` (> with ``strict``), else one clear line."""
-    if value is None or (value > minimum if strict else value >= minimum):
-        return
-    word = "positive" if strict and minimum == 0 else f"at least {minimum:g}" if minimum else "0 or more"
-    raise UsageError(f"{name} must be {word}, got {value:g}")
-
-
-def check_choice(value: str, choices, what: str) -> str:
-    if value not in choices:
-        raise UsageError(f"{what} {value!r} is not one of: {', '.join(choices)}")
-    return value
-
-
-def parse_knob_options(items: list[str] | None) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"--knob {item!r}: write NAME=V1,V2 (e.g. --knob impl=eager,flex)")
-        name, values = item.split("=", 1)
-        vals = parse_list(values)
-        if not name.strip() or not vals:
-            raise UsageError(f"--knob {item!r}: write NAME=V1,V2")
-        out[name.strip()] = vals
-    return out
-
-
-def make_cases(*, plugin, mech: str, n: str, batch: int, heads: int, head_dim: int, dtype: str, device: str,
-               mode: str, causal: bool, seed: int, knob: list[str] | None, axes: dict[str, str | None] | None = None):
-    """Load plugins, validate every sweep option and expand the cases (raises domain errors)."""
-    load_plugins(plugin)
-    names = select_mechanisms(mech)
-    ns = parse_int_list(n, "--n")
-    check_choice(dtype, DTYPES, "--dtype")
-    check_choice(mode, MODES, "--mode")
-    for name, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
-        if value < 1:
-            raise UsageError(f"{name} must be a positive integer, got {value}")
-    parsed_axes = {a: parse_list(v) for a, v in (axes or {}).items() if v is not None}
-    return expand(names, ns, axes=parsed_axes, knob_values=parse_knob_options(knob), batch=batch, heads=heads,
-                  head_dim=head_dim, dtype=dtype, device=device, mode=mode, causal=causal, seed=seed)
-
-
-def memory_budget(text: str | None, device: str) -> int | None:
-    """``--mem-budget``: a size, 'none', or by default a safe share of what is free (80% of available
-    RAM, 90% of free GPU memory)."""
-    if text is not None:
-        return None if text.strip().lower() == "none" else parse_bytes(text, "--mem-budget")
-    if device.startswith("cuda"):
-        import torch
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * 0.9)
-    from .measure.env import mem_available
-    avail = mem_available()
-    return int(avail * 0.8) if avail else None
-
-
 def progress_bar(transient: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err_console, transient=transient)
@@ -188,6 +81,76 @@ def list_cmd(plugin: PluginOpt = None) -> None:
     out_console.print(render.registry_table())
 
 
+ExecutorOpt = Annotated[str, typer.Option(help="local (this machine, one case after another) or ray (each case a Ray task on a cluster).")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="--executor ray: the cluster, e.g. auto, head:6379 or ray://head:10001 (default: start a local Ray instance).")]
+CpusPerCaseOpt = Annotated[Optional[float], typer.Option("--cpus-per-case", help="--executor ray: CPUs each case reserves (default: --threads, else a whole node on a CPU sweep, the node's CPUs shared among its GPUs on CUDA).")]
+GpusPerCaseOpt = Annotated[Optional[float], typer.Option("--gpus-per-case", help="--executor ray: GPUs each case reserves (default: 1 on CUDA, else 0).")]
+
+
+def check_run_options(*, timeout: float, min_time: float | None, threads: int | None, warmup: int, repeats: int) -> None:
+    check_at_least("--timeout", timeout, 0, strict=True)
+    check_at_least("--min-time", min_time, 0, strict=True)
+    check_at_least("--threads", threads, 1)
+    check_at_least("--warmup", warmup, 0)
+    check_at_least("--repeats", repeats, 1)
+
+
+def sweep_executor(executor: str, *, address: str | None, device: str, cpus_per_case: float | None,
+                   gpus_per_case: float | None, threads: int | None, mem_budget: str | None):
+    """The sweep's executor, a context manager (Ray: entering joins or starts the cluster); Ray's options are refused
+    on a local sweep. Under Ray, without --mem-budget, each case's default budget is taken on the node that runs it."""
+    from .executors import LocalExecutor
+    from .ray_executor import RayExecutor
+
+    check_choice(executor, ("local", "ray"), "--executor")
+    check_at_least("--cpus-per-case", cpus_per_case, 0, strict=True)
+    check_at_least("--gpus-per-case", gpus_per_case, 0)
+    if executor == "local":
+        given = [flag for flag, value in (("--address", address), ("--cpus-per-case", cpus_per_case),
+                                          ("--gpus-per-case", gpus_per_case)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --executor ray")
+        return LocalExecutor()
+    return RayExecutor(address=address, device=device, cpus_per_case=cpus_per_case if cpus_per_case is not None else threads,
+                       gpus_per_case=gpus_per_case, node_budget=mem_budget is None)
+
+
+def check_out(out: Path, resume: bool) -> None:
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a CSV file path")
+    if resume:
+        results.done_keys(out)  # refuse a file that is not an effbench CSV before running anything
+
+
+def run_with_progress(cases, opts, out: Path, *, resume: bool, run_info: dict, executor):
+    """run_sweep under a progress bar; Ctrl-C cancels what is outstanding, keeps every finished row and says how to resume."""
+    from .sweep import run_sweep
+
+    with progress_bar() as progress:
+        task = progress.add_task("sweep", total=len(cases))
+        try:
+            report = run_sweep(cases, opts, out, resume=resume, run_info=run_info, executor=executor,
+                               on_start=lambda c: progress.update(task, description=f"{c.label()} n={c.n}"),
+                               on_row=lambda c, r: progress.advance(task))
+        except KeyboardInterrupt:
+            progress.stop()
+            written = int(progress.tasks[0].completed)
+            err_console.print(f"[yellow]interrupted:[/] outstanding cases cancelled; {written} row(s) of this run are in "
+                              f"{out}. Run the same command with --resume to run the rest.", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        progress.update(task, description="sweep done", completed=len(cases))
+    return report
+
+
+def print_sweep(report, out: Path) -> None:
+    title = f"{len(report.rows)} case(s) written to {out}" + (f"; {report.resumed} already there (resume)" if report.resumed else "")
+    out_console.print(render.sweep_table(report.rows, title))
+    noisy = [r for r in report.rows if is_noisy(r.get("time_ms_median"), r.get("time_ms_iqr"))]
+    if noisy:
+        err_console.print(f"[yellow]warning:[/] {len(noisy)} case(s) have IQR above 10% of the median: "
+                          "close other programs, add --warmup 3 or use --min-time 2 for steadier timings.")
+
+
 @app.command()
 @with_axis_options
 def sweep(
@@ -197,18 +160,22 @@ def sweep(
     heads: HeadsOpt = 8,
     head_dim: HeadDimOpt = 64,
     dtype: DtypeOpt = "float32",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i].")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i] (under Ray: auto, cpu or cuda).")] = "auto",
     mode: ModeOpt = "fwd",
     causal: CausalOpt = False,
     warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls (median and IQR over them).")] = 5,
     min_time: Annotated[Optional[float], typer.Option("--min-time", help="Instead of --repeats: time for at least this many seconds.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per case before its child process is killed.")] = 300.0,
-    mem_budget: Annotated[Optional[str], typer.Option("--mem-budget", help="Skip cases predicted above this (e.g. 20GiB; 'none' to disable). Default: 80% of free RAM / 90% of free GPU memory.")] = None,
+    mem_budget: Annotated[Optional[str], typer.Option("--mem-budget", help="Skip cases predicted above this (e.g. 20GiB; 'none' to disable). Default: 80% of free RAM / 90% of free GPU memory (under Ray: on the node that runs the case).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Results CSV (appended to).")] = Path("results.csv"),
     resume: Annotated[bool, typer.Option(help="Skip cases already in --out (by case key).")] = False,
     seed: SeedOpt = 0,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads in each case (default: torch's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads in each case (default: torch's; under Ray: the case's CPUs).")] = None,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
+    cpus_per_case: CpusPerCaseOpt = None,
+    gpus_per_case: GpusPerCaseOpt = None,
     knob: KnobOpt = None,
     plugin: PluginOpt = None,
     axes: dict | None = None,
@@ -216,38 +183,25 @@ def sweep(
     """Measure time, peak memory and FLOPs of each case; append one row per case to --out."""
     from .measure.env import environment
     from .runner import RunOptions
-    from .sweep import run_sweep
 
     with domain_errors():
-        check_at_least("--timeout", timeout, 0, strict=True)
-        check_at_least("--min-time", min_time, 0, strict=True)
-        check_at_least("--threads", threads, 1)
-        check_at_least("--warmup", warmup, 0)
-        check_at_least("--repeats", repeats, 1)
-        dev = check_device(device)
-        cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-                           device=dev, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
-        if out.exists() and out.is_dir():
-            raise UsageError(f"--out {out} is a directory; give a CSV file path")
-        opts = RunOptions(warmup=warmup, repeats=repeats, min_time=min_time, timeout=timeout,
-                          mem_budget=memory_budget(mem_budget, dev), plugins=tuple(str(p) for p in plugin or ()),
-                          threads=threads)
-        if resume:
-            results.done_keys(out)  # refuse a file that is not an effbench CSV before running anything
-        env = environment()
-        say_readings(dev, env)
-        with progress_bar() as progress:
-            task = progress.add_task("sweep", total=len(cases))
-            report = run_sweep(cases, opts, out, resume=resume, run_info=env,
-                               on_start=lambda c: progress.update(task, description=f"{c.label()} n={c.n}"),
-                               on_row=lambda c, r: progress.advance(task))
-            progress.update(task, description="sweep done", completed=len(cases))
-    title = f"{len(report.rows)} case(s) written to {out}" + (f"; {report.resumed} already there (resume)" if report.resumed else "")
-    out_console.print(render.sweep_table(report.rows, title))
-    noisy = [r for r in report.rows if is_noisy(r.get("time_ms_median"), r.get("time_ms_iqr"))]
-    if noisy:
-        err_console.print(f"[yellow]warning:[/] {len(noisy)} case(s) have IQR above 10% of the median: "
-                          "close other programs, add --warmup 3 or use --min-time 2 for steadier timings.")
+        check_run_options(timeout=timeout, min_time=min_time, threads=threads, warmup=warmup, repeats=repeats)
+        with sweep_executor(executor, address=address, device=device, cpus_per_case=cpus_per_case,
+                            gpus_per_case=gpus_per_case, threads=threads, mem_budget=mem_budget) as ex:
+            dev = check_device(device) if executor == "local" else ex.device
+            cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+                               device=dev, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
+            check_out(out, resume)
+            budget = memory_budget(mem_budget, dev) if executor == "local" or mem_budget is not None else None
+            opts = RunOptions(warmup=warmup, repeats=repeats, min_time=min_time, timeout=timeout, mem_budget=budget,
+                              plugins=tuple(str(p) for p in plugin or ()), threads=threads)
+            env = environment()
+            if executor == "local":
+                say_readings(dev, env)
+            else:
+                err_console.print(f"[dim]{ex.summary()}[/]", highlight=False)
+            report = run_with_progress(cases, opts, out, resume=resume, run_info=env, executor=ex)
+    print_sweep(report, out)
 
 
 @app.command()

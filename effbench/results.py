@@ -61,6 +61,9 @@ class CaseResult:
     wall_s: float | None = None  # the case's wall time in its child, seconds (the fork server's start-up excluded)
     build_info: str | None = None
     readings: str | None = None
+    host: str | None = None  # the machine that ran the case (socket.gethostname() there)
+    device_name: str | None = None  # what ran it: the GPU's name, or the CPU model
+    device_uuid: str | None = None  # the GPU's NVML UUID ("GPU-..."); empty on a CPU
     error: str | None = None
     run_id: str | None = None
 
@@ -272,7 +275,8 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     try:
-        df = pd.read_csv(io.StringIO(text), dtype={"case_key": str, "error": str, "build_info": str})
+        df = pd.read_csv(io.StringIO(text), dtype={"case_key": str, "error": str, "build_info": str, "host": str,
+                                                     "device_name": str, "device_uuid": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} could not be parsed as CSV: {exc}") from None
     _check_statuses(df, path)

@@ -1,7 +1,6 @@
 """`effbench profile` and `effbench doctor` through the CLI: files written, exit codes, one-line errors."""
 
 import json
-from pathlib import Path
 
 from typer.testing import CliRunner
 

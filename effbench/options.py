@@ -1,0 +1,127 @@
+"""Validating the command line's values and turning them into cases (the CLI's commands stay thin).
+
+Every function raises a domain error (UsageError, CaseError, RegistryError, PluginError) with one
+clear sentence; ``cli.domain_errors`` turns it into one red line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Annotated, Callable, Optional
+
+import typer
+
+import mechanisms
+
+from .cases import DTYPES, MODES, expand
+from .plugins import load_plugins
+from .units import UsageError, parse_bytes, parse_int_list, parse_list
+
+
+def select_mechanisms(text: str) -> list[str]:
+    names = parse_list(text)
+    if not names:
+        raise UsageError("--mech: no mechanism given; use 'all' or a comma list")
+    if names == ["all"]:
+        return list(mechanisms.REGISTRY)
+    for name in names:
+        mechanisms.get(name)  # raises with the valid choices
+    return list(dict.fromkeys(names))
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    from .devices import resolve_device
+
+    if device in ("auto", "cpu"):
+        return resolve_device(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
+        return resolve_device(device)
+    raise UsageError(f"--device {device!r}: choose auto, cpu or cuda[:index]")
+
+
+def check_at_least(name: str, value: float | None, minimum: float, strict: bool = False) -> None:
+    """``value`` (when given) ≥ ``minimum`` (> with ``strict``), else one clear line."""
+    if value is None or (value > minimum if strict else value >= minimum):
+        return
+    word = "positive" if strict and minimum == 0 else f"at least {minimum:g}" if minimum else "0 or more"
+    raise UsageError(f"{name} must be {word}, got {value:g}")
+
+
+def check_choice(value: str, choices, what: str) -> str:
+    if value not in choices:
+        raise UsageError(f"{what} {value!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def parse_knob_options(items: list[str] | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--knob {item!r}: write NAME=V1,V2 (e.g. --knob impl=eager,flex)")
+        name, values = item.split("=", 1)
+        vals = parse_list(values)
+        if not name.strip() or not vals:
+            raise UsageError(f"--knob {item!r}: write NAME=V1,V2")
+        out[name.strip()] = vals
+    return out
+
+
+def make_cases(*, plugin, mech: str, n: str, batch: int, heads: int, head_dim: int, dtype: str, device: str,
+               mode: str, causal: bool, seed: int, knob: list[str] | None, axes: dict[str, str | None] | None = None):
+    """Load plugins, validate every sweep option and expand the cases (raises domain errors)."""
+    load_plugins(plugin)
+    names = select_mechanisms(mech)
+    ns = parse_int_list(n, "--n")
+    check_choice(dtype, DTYPES, "--dtype")
+    check_choice(mode, MODES, "--mode")
+    for name, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
+        if value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value}")
+    parsed_axes = {a: parse_list(v) for a, v in (axes or {}).items() if v is not None}
+    return expand(names, ns, axes=parsed_axes, knob_values=parse_knob_options(knob), batch=batch, heads=heads,
+                  head_dim=head_dim, dtype=dtype, device=device, mode=mode, causal=causal, seed=seed)
+
+
+def memory_budget(text: str | None, device: str) -> int | None:
+    """``--mem-budget``: a size, 'none', or by default a safe share of what is free (80% of available
+    RAM, 90% of free GPU memory)."""
+    from .executors import default_budget
+
+    if text is not None:
+        return None if text.strip().lower() == "none" else parse_bytes(text, "--mem-budget")
+    if device.startswith("cuda"):
+        import torch
+        return default_budget(device, torch.cuda.mem_get_info(torch.device(device))[0])
+    return default_budget(device, None)
+
+
+AXIS_PREFIX = "axis_"
+
+
+def with_axis_options(command: Callable) -> Callable:
+    """Give ``command`` one ``--<axis>`` option per sweep axis declared by a registered knob; the command
+    receives them as one dict ``axes`` (axis -> comma-list text or None). Axes added by a plugin are
+    set with ``--knob NAME=...`` (the plugin is loaded after the options are parsed)."""
+    sig = inspect.signature(command)
+    taken = {p.name for p in sig.parameters.values()} | {"help"}
+    params = [p for p in sig.parameters.values() if p.name != "axes"]
+    at = next(i for i, p in enumerate(params) if p.name == "knob")
+    axes = [a for a in sorted(mechanisms.axis_knobs()) if a not in taken]
+    for offset, axis in enumerate(axes):
+        flag = "--" + axis.replace("_", "-")
+        help_ = f"Comma list for the {axis} axis ({mechanisms.base.axis_help(axis)}); fed only to mechanisms with a knob on it."
+        params.insert(at + offset, inspect.Parameter(AXIS_PREFIX + axis, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                                     annotation=Annotated[Optional[str], typer.Option(flag, help=help_)]))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = {k[len(AXIS_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(AXIS_PREFIX)}
+        return command(axes=given, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
