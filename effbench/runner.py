@@ -315,38 +315,44 @@ def measure_in_process(case: Case, opts: RunOptions) -> CaseResult:
 
 # ----------------------------------------------------------------------- parent side
 
-def run_case(case: Case, opts: RunOptions) -> CaseResult:
-    """Run ``case`` in a child process; always returns a result with a ``status``."""
+def run_in_child(target, args: tuple, timeout: float, record):
+    """Run ``target(conn, *args)`` in a child of the fork server and collect what it reports into ``record``
+    (anything with ``update`` and ``status``): a timeout kills the child, a child that dies says how; the
+    record's ``wall_s`` is set. Shared by sweeps (``run_case``) and ``effbench profile``."""
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, opts), daemon=True)
+    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
     proc.start()
     child.close()
-    result = CaseResult()
     try:
-        outcome, started = _collect(parent, proc, opts, result)
+        outcome, started = _collect(parent, proc, timeout, record)
         if outcome == "timeout":
             proc.kill()
             proc.join(5)
-            result.update(status=Status.TIMEOUT, error=f"no result after the {opts.timeout:g} s timeout; child killed")
+            record.update(status=Status.TIMEOUT, error=f"no result after the {timeout:g} s timeout; child killed")
         else:
             proc.join(5)
-            if outcome != "done" or result.status is None:
-                result.update(_exit_fields(proc.exitcode))
+            if outcome != "done" or record.status is None:
+                record.update(_exit_fields(proc.exitcode))
     finally:
         parent.close()
-    result.wall_s = round(time.monotonic() - started, 3)
-    return result
+    record.wall_s = round(time.monotonic() - started, 3)
+    return record
 
 
-def _collect(parent, proc, opts: RunOptions, result: CaseResult) -> tuple[str, float]:
+def run_case(case: Case, opts: RunOptions) -> CaseResult:
+    """Run ``case`` in a child process; always returns a result with a ``status``."""
+    return run_in_child(_child, (case, opts), opts.timeout, CaseResult())
+
+
+def _collect(parent, proc, timeout: float, result) -> tuple[str, float]:
     """Read the child's reports into ``result`` until it is ``done``, hits the ``timeout`` or is ``gone``;
     returns that outcome and when the child started.
 
     The clock starts when the child says it is running, so the fork server's one-time start-up (importing
     torch) is never charged to a case; start-up itself is capped at ``STARTUP_LIMIT_S``."""
     started = time.monotonic()
-    limit = max(STARTUP_LIMIT_S, opts.timeout)
+    limit = max(STARTUP_LIMIT_S, timeout)
     while True:
         left = limit - (time.monotonic() - started)
         if left <= 0:
@@ -360,7 +366,7 @@ def _collect(parent, proc, opts: RunOptions, result: CaseResult) -> tuple[str, f
         except (EOFError, OSError):
             return "gone", started
         if kind == "started":
-            started, limit = time.monotonic(), opts.timeout
+            started, limit = time.monotonic(), timeout
         elif kind == "done":
             return "done", started
         else:

@@ -183,23 +183,4 @@ def run_profile(case: Case, out_dir: str | Path, *, warmup: int = 1, repeats: in
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = ProfileOptions(warmup=warmup, repeats=repeats, plugins=tuple(plugins), threads=threads, timeout=timeout,
                           mem_budget=mem_budget, top=top)
-    ctx = runner._context()
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, out_dir, opts), daemon=True)
-    proc.start()
-    child.close()
-    rep = ProfileReport(case=case, out_dir=out_dir)
-    try:
-        outcome, started = runner._collect(parent, proc, opts, rep)
-        if outcome == "timeout":
-            proc.kill()
-            proc.join(5)
-            rep.update(status=Status.TIMEOUT, error=f"no result after the {timeout:g} s timeout; child killed")
-        else:
-            proc.join(5)
-            if outcome != "done" or rep.status is None:
-                rep.update(runner._exit_fields(proc.exitcode))
-    finally:
-        parent.close()
-    rep.wall_s = round(time.monotonic() - started, 3)
-    return rep
+    return runner.run_in_child(_child, (case, out_dir, opts), timeout, ProfileReport(case=case, out_dir=out_dir))
