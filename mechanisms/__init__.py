@@ -16,7 +16,7 @@ from .base import (
 
 # One module per mechanism; each registers itself on import.
 from . import dense, sdpa  # noqa: E402,F401  exact
-from . import local, dilated, longformer, bigbird  # noqa: E402,F401  sparse patterns
+from . import local, dilated, longformer, sinks, bigbird  # noqa: E402,F401  sparse patterns
 from . import linear, performer, linformer  # noqa: E402,F401  kernel and low-rank
 from . import reformer, transformer_xl, compressive, axial, learned_pe  # noqa: E402,F401  hashing, recurrence, positions
 

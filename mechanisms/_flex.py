@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from ._banded import default_scale
+from .base import mask_from_mod, masked_softmax_attention, repeat_kv
 
 PatternFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (i, j) -> visible, broadcasting
 
@@ -273,6 +274,7 @@ class PatternAttention(torch.nn.Module):
 
     # -- calling --------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # (B, H, N, D): grouped-query K/V repeated
         if self.impl == "flex":
             reasons = flex_reasons(str(q.device), str(q.dtype).removeprefix("torch."))
             if reasons:
@@ -284,7 +286,6 @@ class PatternAttention(torch.nn.Module):
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Dense softmax attention under the same mask (N×N: small N only)."""
-        from .base import mask_from_mod, masked_softmax_attention
-
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # (B, H, N, D)
         mask = mask_from_mod(self.pattern_on(q.device), q.shape[-2], device=q.device)  # (N, N)
         return masked_softmax_attention(q, k, v, mask, scale=self.scale)

@@ -39,6 +39,22 @@ mechanism's name:
   (classmethod): the FLOP count to report where FlopCounterMode cannot count;
 - ``build_info(self) -> dict``: extra facts reported in the row (e.g. ``impl``).
 
+Decode (one new token at a time after a context; see ``mechanisms/_decode.py``). A mechanism with a causal
+decode form declares ``decode_form`` (one line: what its cache or state holds) and defines
+
+- ``decode_init(self, k, v, capacity) -> state``: the cache or state after a context whose keys and values are
+  ``k``, ``v`` (B, kv_heads, N0, D), sized so ``capacity`` positions in all fit; it copies what it keeps;
+- ``decode_step(self, state, q, k, v) -> out``: one token, q (B, H, 1, D), k and v (B, kv_heads, 1, D) ->
+  (B, H, 1, D); the state is updated in place. T steps after a context of N0 equal the causal forward over
+  N0 + T at its last T positions;
+- ``state_bytes(cls, *, batch, heads, kv_heads, head_dim, n, capacity, itemsize, **knobs) -> int``
+  (classmethod): the declared size of that state (the harness measures the real one beside it);
+- optionally ``decode_read_bytes(...)`` (same arguments): bytes one step reads, when it is not the whole state.
+
+A mechanism without one declares ``no_decode_reason``; its decode rows are ``skipped`` with it.
+Grouped-query attention: a mechanism taking the shared :data:`KV_HEADS` knob gets K and V with ``kv_heads``
+heads (query head h uses kv head h // (H / kv_heads), as :func:`repeat_kv`).
+
 Nothing in this package imports the harness (``effbench``).
 """
 
@@ -82,6 +98,8 @@ class Knob:
     in positions (verify keeps it ≤ N/4 and moves it off divisors of N, so no window, block, bucket
     or segment tiles N); ``sweep``: values of an informational fidelity sweep when the mechanism
     declares none (strings ``"N"``, ``"N-1"``, ``"N/4"`` resolve at the verify length).
+    ``default_from``: the default is the case field of that name (``kv_heads``: ``heads``); the stored
+    ``default`` (0) and a value equal to that field are the same case.
     """
 
     name: str
@@ -95,6 +113,7 @@ class Knob:
     small: Any = None
     length: bool | None = None
     sweep: tuple = ()
+    default_from: str | None = None
 
     def __post_init__(self):
         if self.axis is not None and not _AXIS_NAME.fullmatch(self.axis):
@@ -132,7 +151,27 @@ class Knob:
 
     def describe(self) -> str:
         flag = f" (--{self.axis})" if self.axis else ""
-        return f"{self.name}={self.default}{flag}"
+        default = f"{self.default_from}" if self.default_from else self.default
+        return f"{self.name}={default}{flag}"
+
+    def effective(self, value: Any, fields: Mapping[str, Any]) -> Any:
+        """The value in force: for a ``default_from`` knob, the default (or nothing) means that case field."""
+        if self.default_from and (value is None or value == self.default):
+            return fields.get(self.default_from, value)
+        return value
+
+
+KV_HEADS = Knob("kv_heads", default=0, axis="kv_heads", minimum=0, default_from="heads",
+                help="key/value heads for grouped-query (1 = multi-query) attention; default: --heads")
+
+
+def repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv, N, D) -> (B, H, N, D): each kv head serves H/Hkv consecutive query heads (as HuggingFace's
+    ``repeat_kv``); the tensor itself when Hkv == H."""
+    B, Hkv, N, D = t.shape
+    if Hkv == heads:
+        return t
+    return t[:, :, None].expand(B, Hkv, heads // Hkv, N, D).reshape(B, heads, N, D)  # (B, H, N, D)
 
 
 def _case_get(case: Any, name: str, default: Any = None) -> Any:
@@ -260,6 +299,50 @@ class MechanismSpec:
     def data_dependent(self) -> bool:
         return bool(getattr(self.cls, "data_dependent", False))
 
+    # -- decode ----------------------------------------------------------------------------
+    @property
+    def decodes(self) -> bool:
+        """It has a causal decode form (``decode_form``, ``decode_init``, ``decode_step``, ``state_bytes``)."""
+        cls = self.cls
+        return bool(getattr(cls, "decode_form", "")) and all(
+            callable(getattr(cls, name, None)) for name in ("decode_init", "decode_step", "state_bytes"))
+
+    @property
+    def decode_form(self) -> str:
+        return str(getattr(self.cls, "decode_form", "") or "")
+
+    @property
+    def no_decode_reason(self) -> str:
+        return str(getattr(self.cls, "no_decode_reason", "") or "it declares no decode form")
+
+    def kv_heads_of(self, heads: int, knobs: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None) -> int:
+        """The number of key/value heads of a case (``heads`` unless it takes a ``kv_heads`` knob set below it)."""
+        given = dict(knobs or {})
+        if "kv_heads" not in self.knob_names:
+            return heads
+        return int(self.knob("kv_heads").effective(given.get("kv_heads"), {"heads": heads}) or heads)
+
+    def state_bytes(self, *, batch: int, heads: int, head_dim: int, n: int, capacity: int, itemsize: int,
+                    knobs: Mapping[str, Any] | None = None) -> int | None:
+        """The declared bytes of the decode state after a context of ``n`` sized for ``capacity`` positions."""
+        if not self.decodes:
+            return None
+        values = self.resolve_knobs(knobs)
+        values.pop("kv_heads", None)
+        return int(self.cls.state_bytes(batch=batch, heads=heads, kv_heads=self.kv_heads_of(heads, knobs),
+                                        head_dim=head_dim, n=n, capacity=capacity, itemsize=itemsize, **values))
+
+    def decode_read_bytes(self, *, batch: int, heads: int, head_dim: int, n: int, capacity: int, itemsize: int,
+                          knobs: Mapping[str, Any] | None = None) -> int | None:
+        """Bytes one decode step reads from its state (declared ``decode_read_bytes``; default: all of it)."""
+        fn = getattr(self.cls, "decode_read_bytes", None)
+        if fn is None or not self.decodes:
+            return None
+        values = self.resolve_knobs(knobs)
+        values.pop("kv_heads", None)
+        return int(fn(batch=batch, heads=heads, kv_heads=self.kv_heads_of(heads, knobs), head_dim=head_dim,
+                      n=n, capacity=capacity, itemsize=itemsize, **values))
+
     @property
     def knob_names(self) -> tuple[str, ...]:
         return tuple(k.name for k in self.knobs)
@@ -294,6 +377,8 @@ class MechanismSpec:
         """
         reasons: list[str] = []
         causal = bool(_case_get(case, "causal", False))
+        if _case_get(case, "phase", "prefill") == "decode" and not self.decodes:
+            return [f"{self.name} has no decode form: {self.no_decode_reason}"]
         if causal and not self.supports_causal:
             reasons.append(f"{self.name} is not causal: {getattr(self.cls, 'causal_reason', 'no causal form')}")
         if not causal and not self.supports_bidirectional:
@@ -302,6 +387,11 @@ class MechanismSpec:
             values = self.resolve_knobs(_case_get(case, "knobs", ()) or ())
         except RegistryError as exc:
             return reasons + [str(exc)]
+        if "kv_heads" in values:
+            heads = int(_case_get(case, "heads", 1))
+            kv = self.kv_heads_of(heads, values)
+            if kv > heads or heads % kv:
+                reasons.append(kv_heads_error(heads, kv))
         check = getattr(self.cls, "check", None)
         if check is not None:
             extra = {}
@@ -323,18 +413,26 @@ class MechanismSpec:
         return int(fn(batch=batch, heads=heads, n=n, head_dim=head_dim, causal=causal, **self.resolve_knobs(knobs)))
 
     def make_inputs(self, *, batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype,
-                    device: str | torch.device = "cpu", seed: int = 0, requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
-        """Inputs for ``forward``: (q, k, v) of shape (B, H, N, D), or (x,) of shape (B, N, H·D) when ``inputs == "x"``."""
+                    device: str | torch.device = "cpu", seed: int = 0, requires_grad: bool = False,
+                    knobs: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, ...]:
+        """Inputs for ``forward``: q (B, H, N, D) and k, v (B, kv_heads, N, D), or (x,) of shape (B, N, H·D)
+        when ``inputs == "x"``. With kv_heads = heads the tensors are the same as before GQA existed."""
         gen = torch.Generator(device="cpu").manual_seed(seed + 1_000_003)
         if self.inputs == "x":
             shapes = [(batch, n, heads * head_dim)]
         else:
-            shapes = [(batch, heads, n, head_dim)] * 3
+            kv = self.kv_heads_of(heads, knobs)
+            shapes = [(batch, heads, n, head_dim)] + [(batch, kv, n, head_dim)] * 2
         out = []
         for shape in shapes:
             t = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
             out.append(t.requires_grad_(requires_grad))
         return tuple(out)
+
+
+def kv_heads_error(heads: int, kv_heads: int) -> str:
+    return (f"heads {heads} is not a multiple of kv_heads {kv_heads}: each kv head must serve the same number "
+            "of query heads (choose kv_heads dividing heads)")
 
 
 def register(*, name: str, family: str, complexity: str, knobs: Iterable[Knob] = (),

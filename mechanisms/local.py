@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ._banded import Band, band_sdpa, pick_chunk
+from ._decode import RingKV, attend_one
 from ._flex import PatternAttention, count_tiles, flex_reasons, tile_span_candidates
-from .base import Fidelity, Knob, decreasing, equals_dense_at, register
+from .base import KV_HEADS, Fidelity, Knob, decreasing, equals_dense_at, register
 
 
 def local_offsets(window: int, causal: bool):
@@ -22,6 +23,7 @@ def local_offsets(window: int, causal: bool):
         Knob("window", default=256, axis="window", minimum=1, small=37, length=True, help="one-sided window w"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: banded chunks through fused SDPA; flex: compiled FlexAttention"),
+        KV_HEADS,
     ],
 )
 class LocalAttention(PatternAttention):
@@ -41,14 +43,19 @@ class LocalAttention(PatternAttention):
     flex: ``flex_attention`` compiled at build time (for batch 1; another batch size compiles
     on its first call) with a BlockMask of 128×128 tiles on the band; about
     4·B·H·N·(2w + 2·128)·D FLOPs (partial tiles computed in full). CPU: forward only.
+
+    Decode (causal): a ring buffer of the last w + 1 positions (:class:`RingKV`), constant in N:
+    2·B·kv_heads·(w + 1)·D elements; a step costs 4·B·H·(w + 1)·D FLOPs whatever the context.
     """
+
+    decode_form = "ring buffer of the last w + 1 positions: 2·B·kv_heads·(w+1)·D"
 
     # Declarations the harness reads (effbench verify, the contract suite):
     fidelity = (Fidelity("window", (8, 32, 128, "N-1"), (decreasing(), equals_dense_at("N-1")),
                          why="a wider window sees more keys; w ≥ N − 1 sees them all"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, window: int,
-                 impl: str = "eager"):
+                 impl: str = "eager", kv_heads: int = 0):
         super().__init__()
         self.window = window
         self._setup(head_dim=head_dim, heads=heads, n=n, causal=causal, impl=impl)
@@ -79,6 +86,19 @@ class LocalAttention(PatternAttention):
         out = band_sdpa(*flat, plan["band"], plan["biases"], self.scale)  # (B·H, N, D)
         return out.unflatten(0, (B, H))  # (B, H, N, D)
 
+    # -- decode --------------------------------------------------------------------------
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> RingKV:
+        return RingKV(k, v, self.window + 1)  # (B, Hkv, w + 1, D) twice
+
+    def decode_step(self, state: RingKV, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        state.append(k, v)  # the ring now holds positions i − w … i
+        return attend_one(q, state.k, state.v, self.scale, state.visible)  # (B, H, 1, D)
+
+    @classmethod
+    def state_bytes(cls, *, batch: int, heads: int, kv_heads: int, head_dim: int, n: int, capacity: int,
+                    itemsize: int, window: int, impl: str = "eager") -> int:
+        return RingKV.nbytes(batch=batch, kv_heads=kv_heads, size=window + 1, head_dim=head_dim, itemsize=itemsize)
+
     # -- declarations --------------------------------------------------------------------
     @classmethod
     def check(cls, *, n: int, causal: bool, heads: int, head_dim: int, device: str, dtype: str,
@@ -92,7 +112,7 @@ class LocalAttention(PatternAttention):
 
     @classmethod
     def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, window: int,
-                       impl: str = "eager") -> int:
+                       impl: str = "eager", kv_heads: int = 0) -> int:
         if impl == "flex":
             ok = local_offsets(window, causal)
             pairs = count_tiles(lambda i, j: ok(i - j), n,

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ._banded import Band, Shared, band_matmul, band_sdpa, neg_for, pick_chunk
+from ._decode import RingKV, StaticKV, attend_parts
 from ._flex import PatternAttention, count_tiles, flex_reasons, tile_span_candidates
-from .base import Fidelity, Knob, decreasing, equals_dense_at, register
+from .base import KV_HEADS, Fidelity, Knob, decreasing, equals_dense_at, register
 from .local import local_offsets
 
 
@@ -26,6 +27,7 @@ def longformer_pattern(window: int, globals_: int, causal: bool):
              help="the first g positions are global"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: banded chunks + global rows/columns; flex: compiled FlexAttention"),
+        KV_HEADS,
     ],
 )
 class LongformerAttention(PatternAttention):
@@ -46,13 +48,19 @@ class LongformerAttention(PatternAttention):
 
     flex: ``flex_attention`` with the same mask on 128×128 tiles (the first tile row and column
     are dense: linear in N for fixed g).
+
+    Decode (causal): the g global positions (a :class:`StaticKV` of g) and a ring of the last w + 1
+    others (:class:`RingKV`), constant in N: 2·B·kv_heads·(g + w + 1)·D elements; one softmax over both,
+    each key once. A new token past the first g is not global (globals are the first g positions).
     """
+
+    decode_form = "the g global positions + a ring of the last w + 1: 2·B·kv_heads·(g+w+1)·D"
 
     fidelity = (Fidelity("window", (8, 32, 128, "N-1"), (decreasing(), equals_dense_at("N-1")),
                          why="a wider window sees more keys; w ≥ N − 1 sees them all"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, window: int,
-                 globals: int, impl: str = "eager"):
+                 globals: int, impl: str = "eager", kv_heads: int = 0):
         super().__init__()
         self.window, self.globals = window, globals
         self._setup(head_dim=head_dim, heads=heads, n=n, causal=causal, impl=impl)
@@ -113,6 +121,30 @@ class LongformerAttention(PatternAttention):
         out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]  # (B·H, N, D)
         return out.unflatten(0, (B, H))  # (B, H, N, D)
 
+    # -- decode --------------------------------------------------------------------------
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[StaticKV, RingKV]:
+        g = self.globals
+        first = StaticKV(k[:, :, :g], v[:, :, :g], g)  # (B, Hkv, g, D) twice: the global keys
+        ring = RingKV(k[:, :, g:], v[:, :, g:], self.window + 1, start=min(g, k.shape[2]))  # (B, Hkv, w+1, D)
+        return first, ring
+
+    def decode_step(self, state: tuple[StaticKV, RingKV], q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+        first, ring = state
+        if first.length < first.capacity:  # a position < g: global, sees every j <= i (all among the first g)
+            first.append(k, v)
+            ring.length += 1
+        else:
+            ring.append(k, v)  # the ring holds the last w + 1 non-global positions, i − w … i
+        gk, gv = first.keys()  # (B, Hkv, min(i+1, g), D)
+        return attend_parts(q, [(gk, gv, None), (ring.k, ring.v, ring.visible)], self.scale)  # (B, H, 1, D)
+
+    @classmethod
+    def state_bytes(cls, *, batch: int, heads: int, kv_heads: int, head_dim: int, n: int, capacity: int,
+                    itemsize: int, window: int, globals: int, impl: str = "eager") -> int:
+        return (StaticKV.nbytes(batch=batch, kv_heads=kv_heads, capacity=globals, head_dim=head_dim, itemsize=itemsize)
+                + RingKV.nbytes(batch=batch, kv_heads=kv_heads, size=window + 1, head_dim=head_dim, itemsize=itemsize))
+
     # -- declarations --------------------------------------------------------------------
     @classmethod
     def check(cls, *, n: int, causal: bool, heads: int, head_dim: int, device: str, dtype: str,
@@ -128,7 +160,7 @@ class LongformerAttention(PatternAttention):
 
     @classmethod
     def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, window: int,
-                       globals: int, impl: str = "eager") -> int:
+                       globals: int, impl: str = "eager", kv_heads: int = 0) -> int:
         if impl == "flex":
             pairs = count_tiles(longformer_pattern(window, globals, causal), n,
                                 cls._candidates(n, cls.flex_tile, window, globals, causal), cls.flex_tile)

@@ -195,3 +195,22 @@ def test_two_builds_with_one_seed_are_identical(mechanism_mode):
     inputs = spec.make_inputs(batch=BATCH, heads=HEADS, n=DEFAULT_N, head_dim=HEAD_DIM, dtype=torch.float32, seed=1)
     with torch.no_grad():
         assert torch.equal(a(*inputs), b(*inputs)), f"{name}: outputs differ between two builds"
+
+
+# ------------------------------------------------------------------------------ decode
+
+def test_decode_equals_causal_prefill(mechanism):
+    """T = 9 single-token steps after a context of N0 = 777 equal the float64 causal reference over N0 + T at its
+    last T rows (atol 1e-5), B=2, H=4, with kv_heads 4, 2 and 1 where the mechanism takes it; the state's measured
+    bytes equal its declared ``state_bytes``. A mechanism with no decode form says why."""
+    from effbench.verify.decode import check_decode
+
+    spec = mechanisms.get(mechanism)
+    if not spec.decodes:
+        assert spec.no_decode_reason.strip()
+        pytest.skip(f"{mechanism} has no decode form: {spec.no_decode_reason}")
+    rows = check_decode(spec, n=DEFAULT_N, dtype="float32", device="cpu", seed=0, tol=TOL)
+    for r in rows:
+        print(f"{mechanism} [{r.knobs}] max|decode-prefill|={r.max_abs_err} {r.detail}")
+    failed = [f"[{r.knobs}] {r.reason or r.detail}" for r in rows if r.passed is not True]
+    assert not failed, f"{mechanism}: " + "; ".join(failed)
