@@ -56,11 +56,30 @@ DtypeOpt = Annotated[str, typer.Option(help="float32, float64, float16 or bfloat
 ModeOpt = Annotated[str, typer.Option(help="fwd (inference, no_grad) or fwd+bwd.")]
 CausalOpt = Annotated[bool, typer.Option("--causal/--no-causal", help="Causal (top-left aligned) or bidirectional.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for inputs and the mechanisms' random state.")]
+PhaseOpt = Annotated[str, typer.Option(help="prefill (one call over N tokens) or decode (single-token steps after a context of N: KV cache / state bytes, ms per token).")]
+DecodeStepsOpt = Annotated[int, typer.Option("--decode-steps", help="--phase decode: timed single-token steps after the context (median and IQR over them).")]
 KnobOpt = Annotated[Optional[list[str]], typer.Option("--knob", "-k", help="Any knob by name: NAME=V1,V2 (repeatable).")]
 
 def progress_bar(transient: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err_console, transient=transient)
+
+
+def copy_bandwidth(device: str | None, threads: int | None) -> dict:
+    """The device's copy bandwidth for the sidecar (decode rows' read_gbps is read against it), measured in a child;
+    under Ray (device None) the workers' devices are not this machine's, so it is not measured."""
+    from .measure.bandwidth import measure_in_child
+
+    if device is None:
+        return {"copy_error": "not measured under --executor ray (the workers' devices are not the driver's)"}
+    with err_console.status("measuring copy bandwidth (one 256 MiB tensor copy)"):
+        found = measure_in_child(device, threads)
+    if "copy_gbps" in found:
+        err_console.print(f"[dim]copy bandwidth on {device}: {found['copy_gbps']:.1f} GB/s read (decode rows' "
+                          "read_gbps is read against it)[/]", highlight=False)
+    else:
+        err_console.print(f"[yellow]copy bandwidth not measured:[/] {found['copy_error']}", highlight=False)
+    return found
 
 
 def say_readings(device: str, env: dict) -> None:
@@ -163,7 +182,9 @@ def sweep(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i] (under Ray: auto, cpu or cuda).")] = "auto",
     mode: ModeOpt = "fwd",
     causal: CausalOpt = False,
-    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 1,
+    phase: PhaseOpt = "prefill",
+    decode_steps: DecodeStepsOpt = 32,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing (prefill; a decode case warms with one step).")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls (median and IQR over them).")] = 5,
     min_time: Annotated[Optional[float], typer.Option("--min-time", help="Instead of --repeats: time for at least this many seconds.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per case before its child process is killed.")] = 300.0,
@@ -190,12 +211,15 @@ def sweep(
                             gpus_per_case=gpus_per_case, threads=threads, mem_budget=mem_budget) as ex:
             dev = check_device(device) if executor == "local" else ex.device
             cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-                               device=dev, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
+                               device=dev, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes, phase=phase,
+                               decode_steps=decode_steps)
             check_out(out, resume)
             budget = memory_budget(mem_budget, dev) if executor == "local" or mem_budget is not None else None
             opts = RunOptions(warmup=warmup, repeats=repeats, min_time=min_time, timeout=timeout, mem_budget=budget,
                               plugins=tuple(str(p) for p in plugin or ()), threads=threads)
             env = environment()
+            if phase == "decode":
+                env.update(copy_bandwidth(dev if executor == "local" else None, threads))
             if executor == "local":
                 say_readings(dev, env)
             else:
@@ -215,6 +239,8 @@ def estimate(
     dtype: DtypeOpt = "float32",
     mode: ModeOpt = "fwd",
     causal: CausalOpt = False,
+    phase: PhaseOpt = "prefill",
+    decode_steps: DecodeStepsOpt = 32,
     seed: SeedOpt = 0,
     timeout: Annotated[float, typer.Option(help="Seconds per case.")] = 120.0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also append rows (predicted_bytes) to this CSV.")] = None,
@@ -222,7 +248,8 @@ def estimate(
     plugin: PluginOpt = None,
     axes: dict | None = None,
 ) -> None:
-    """Predict each case's peak memory on fake tensors: nothing of size N is allocated."""
+    """Predict each case's peak memory on fake tensors (decode: the state after the context and one step's peak):
+    nothing of size N is allocated."""
     from .measure.env import environment
     from .runner import RunOptions
     from .sweep import run_sweep
@@ -230,7 +257,8 @@ def estimate(
     with domain_errors():
         check_at_least("--timeout", timeout, 0, strict=True)
         cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-                           device="cpu", mode=mode, causal=causal, seed=seed, knob=knob, axes=axes)
+                           device="cpu", mode=mode, causal=causal, seed=seed, knob=knob, axes=axes, phase=phase,
+                           decode_steps=decode_steps)
         opts = RunOptions(timeout=timeout, predict_only=True, plugins=tuple(str(p) for p in plugin or ()))
         with tempfile.TemporaryDirectory() as tmp, progress_bar(transient=True) as progress:
             task = progress.add_task("estimate", total=len(cases))

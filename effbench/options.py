@@ -14,7 +14,7 @@ import typer
 
 import mechanisms
 
-from .cases import DTYPES, MODES, expand
+from .cases import DEFAULT_DECODE_STEPS, DTYPES, MODES, PHASES, expand
 from .plugins import load_plugins
 from .units import UsageError, parse_bytes, parse_int_list, parse_list
 
@@ -72,19 +72,25 @@ def parse_knob_options(items: list[str] | None) -> dict[str, list[str]]:
 
 
 def make_cases(*, plugin, mech: str, n: str, batch: int, heads: int, head_dim: int, dtype: str, device: str,
-               mode: str, causal: bool, seed: int, knob: list[str] | None, axes: dict[str, str | None] | None = None):
+               mode: str, causal: bool, seed: int, knob: list[str] | None, axes: dict[str, str | None] | None = None,
+               phase: str = "prefill", decode_steps: int = DEFAULT_DECODE_STEPS):
     """Load plugins, validate every sweep option and expand the cases (raises domain errors)."""
     load_plugins(plugin)
     names = select_mechanisms(mech)
     ns = parse_int_list(n, "--n")
     check_choice(dtype, DTYPES, "--dtype")
     check_choice(mode, MODES, "--mode")
+    check_choice(phase, PHASES, "--phase")
+    check_at_least("--decode-steps", decode_steps, 1)
+    if phase == "decode" and mode != "fwd":
+        raise UsageError(f"--phase decode is inference, one token at a time: --mode {mode} does not apply")
     for name, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
     parsed_axes = {a: parse_list(v) for a, v in (axes or {}).items() if v is not None}
     return expand(names, ns, axes=parsed_axes, knob_values=parse_knob_options(knob), batch=batch, heads=heads,
-                  head_dim=head_dim, dtype=dtype, device=device, mode=mode, causal=causal, seed=seed)
+                  head_dim=head_dim, dtype=dtype, device=device, mode=mode, causal=causal, seed=seed,
+                  phase=phase, decode_steps=decode_steps)
 
 
 def memory_budget(text: str | None, device: str) -> int | None:
@@ -106,8 +112,12 @@ AXIS_PREFIX = "axis_"
 def with_axis_options(command: Callable) -> Callable:
     """Give ``command`` one ``--<axis>`` option per sweep axis declared by a registered knob; the command
     receives them as one dict ``axes`` (axis -> comma-list text or None). Axes added by a plugin are
-    set with ``--knob NAME=...`` (the plugin is loaded after the options are parsed)."""
-    sig = inspect.signature(command)
+    set with ``--knob NAME=...`` (the plugin is loaded after the options are parsed).
+
+    The annotations are evaluated here (``eval_str``): the wrapper's ``__signature__`` is what Typer reads, and
+    Typer does not evaluate a ``__signature__``'s string annotations, so with ``from __future__ import annotations``
+    every option would lose its help and short flags."""
+    sig = inspect.signature(command, eval_str=True)
     taken = {p.name for p in sig.parameters.values()} | {"help"}
     params = [p for p in sig.parameters.values() if p.name != "axes"]
     at = next(i for i, p in enumerate(params) if p.name == "knob")

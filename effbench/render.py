@@ -48,7 +48,11 @@ def _knobs_of(row) -> str:
 
 
 SWEEP_COLUMNS = [("mechanism", "left", None), ("knobs", "left", None), ("N", "right", None),
-                 ("status", "left", None), ("ms (median ± IQR)", "right", "time_ms_median"),
+                 ("phase", "left", "decode_steps"), ("status", "left", None),
+                 ("ms (median ± IQR)", "right", "time_ms_median"),
+                 ("ms/token (median ± IQR)", "right", "time_ms_per_token"),
+                 ("state", "right", "state_bytes"), ("state declared", "right", "state_bytes_analytic"),
+                 ("read GB/s", "right", "read_gbps"),
                  ("peak tensors", "right", "peak_tensor_bytes"), ("peak RSS", "right", "rss_peak_bytes"),
                  ("CUDA alloc", "right", "peak_alloc_bytes"), ("NVML", "right", "nvml_peak_bytes"),
                  ("FLOPs", "right", "flops")]
@@ -56,7 +60,8 @@ SWEEP_COLUMNS = [("mechanism", "left", None), ("knobs", "left", None), ("N", "ri
 
 def sweep_table(rows: Iterable, title: str) -> Table:
     """Summary of sweep rows: times in ms (median ± IQR), memory in binary units; empty reading columns left out.
-    ``rows`` are records with ``.get(column)`` (sweep Rows or dicts)."""
+    ``rows`` are records with ``.get(column)`` (sweep Rows or dicts). Decode rows: ms per token, the state (measured
+    and declared) and the bytes a step reads per second; "peak tensors" is then one step's peak above the state."""
     rows = list(rows)
     columns = [c for c in SWEEP_COLUMNS if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
     table = Table(title=title)
@@ -69,7 +74,11 @@ def sweep_table(rows: Iterable, title: str) -> Table:
         cells = {
             "mechanism": r.get("mechanism"), "knobs": _knobs_of(r), "N": f"{r.get('n'):,}",
             "status": styled(status) + (f" [dim]{error[:48]}…[/]" if status != Status.OK and error else ""),
+            "phase": r.get("phase") if r.get("phase") != "decode" else f"decode ×{r.get('decode_steps')}",
             "ms (median ± IQR)": fmt_ms(r.get("time_ms_median"), r.get("time_ms_iqr")),
+            "ms/token (median ± IQR)": fmt_ms(r.get("time_ms_per_token"), r.get("time_ms_iqr")),
+            "state": fmt_bytes(r.get("state_bytes")), "state declared": fmt_bytes(r.get("state_bytes_analytic")),
+            "read GB/s": "—" if r.get("read_gbps") is None else f"{r.get('read_gbps'):.2f}",
             "peak tensors": fmt_bytes(r.get("peak_tensor_bytes")), "peak RSS": fmt_bytes(r.get("rss_peak_bytes")),
             "CUDA alloc": fmt_bytes(r.get("peak_alloc_bytes")), "NVML": fmt_bytes(r.get("nvml_peak_bytes")),
             "FLOPs": fmt_flops(r.get("flops")),
@@ -79,13 +88,22 @@ def sweep_table(rows: Iterable, title: str) -> Table:
 
 
 def estimate_table(rows: Iterable) -> Table:
-    table = Table(title="predicted peak memory of one call (fake tensors; inputs not included)")
-    for col, just in (("mechanism", "left"), ("knobs", "left"), ("N", "right"), ("predicted peak", "right"),
-                      ("params", "right"), ("FLOPs", "right"), ("status", "left")):
+    """Predicted peaks; for decode rows the state after the context (fake tensors, and the declared formula) and
+    the peak of one step above it."""
+    rows = list(rows)
+    decode = any(r.get("phase") == "decode" for r in rows)
+    title = ("decode: predicted state after the context and peak of one step (fake tensors; inputs not included)"
+             if decode else "predicted peak memory of one call (fake tensors; inputs not included)")
+    table = Table(title=title)
+    cols = [("mechanism", "left"), ("knobs", "left"), ("N", "right")]
+    cols += [("state", "right"), ("state declared", "right"), ("step peak", "right")] if decode else [("predicted peak", "right")]
+    cols += [("params", "right"), ("FLOPs", "right"), ("status", "left")]
+    for col, just in cols:
         table.add_column(col, justify=just)
     for r in rows:
         status = str(r.get("status") or "")
-        table.add_row(r.get("mechanism"), _knobs_of(r), f"{r.get('n'):,}", fmt_bytes(r.get("predicted_bytes")),
+        memory = ([fmt_bytes(r.get("predicted_state_bytes")), fmt_bytes(r.get("state_bytes_analytic"))] if decode else [])
+        table.add_row(r.get("mechanism"), _knobs_of(r), f"{r.get('n'):,}", *memory, fmt_bytes(r.get("predicted_bytes")),
                       fmt_bytes(r.get("param_bytes")), fmt_flops(r.get("flops")),
                       styled(status) + (f" {r.get('error')[:60]}" if r.get("error") else ""))
     return table

@@ -26,7 +26,8 @@ import pandas as pd
 
 from .status import Status
 
-INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "repeats", "peak_alloc_bytes", "peak_reserved_bytes",
+INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "decode_steps", "repeats", "state_bytes",
+               "state_bytes_analytic", "predicted_state_bytes", "read_bytes", "peak_alloc_bytes", "peak_reserved_bytes",
                "nvml_peak_bytes", "nvml_process_peak_bytes", "peak_tensor_bytes", "rss_peak_bytes",
                "predicted_bytes", "param_bytes", "flops"]
 
@@ -45,6 +46,7 @@ class CaseResult:
     status: Status | None = None
     time_ms_median: float | None = None
     time_ms_iqr: float | None = None
+    time_ms_per_token: float | None = None  # decode: median over the steps of one step's time (IQR in time_ms_iqr)
     repeats: int | None = None
     timer: str | None = None
     peak_alloc_bytes: int | None = None
@@ -54,6 +56,11 @@ class CaseResult:
     peak_tensor_bytes: int | None = None
     rss_peak_bytes: int | None = None
     predicted_bytes: int | None = None
+    state_bytes: int | None = None  # decode: the cache/state after the context, measured by the storage tracker
+    state_bytes_analytic: int | None = None  # decode: the mechanism's declared state formula, beside the measurement
+    predicted_state_bytes: int | None = None  # decode: the state measured on fake tensors (effbench estimate)
+    read_bytes: int | None = None  # decode: bytes one step reads from its state (declared, else the whole state)
+    read_gbps: float | None = None  # decode: read_bytes / time_ms_per_token, GB/s (10⁹ bytes per second)
     param_bytes: int | None = None
     flops: int | None = None
     flops_source: str | None = None
@@ -112,6 +119,8 @@ class Row:
     seed: int
     knobs: Mapping[str, Any]
     result: CaseResult
+    phase: str = "prefill"
+    decode_steps: int | None = None  # decode rows only
 
     def __post_init__(self) -> None:
         clash = sorted(set(self.knobs) & (_CASE_SET | _RESULT_SET))
@@ -141,6 +150,7 @@ class Row:
 
 
 CASE_COLUMNS = [f.name for f in fields(Row) if f.name not in ("knobs", "result")]
+CASE_DEFAULTS = {"phase": "prefill"}  # the value of a case column in rows written before it existed
 _CASE_SET, _RESULT_SET = frozenset(CASE_COLUMNS), frozenset(RESULT_COLUMNS)
 
 
@@ -280,6 +290,8 @@ def read_results(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} could not be parsed as CSV: {exc}") from None
     _check_statuses(df, path)
+    for col, default in CASE_DEFAULTS.items():
+        df[col] = df[col].fillna(default) if col in df else default
     if "causal" in df:
         df["causal"] = df["causal"].map(lambda v: str(v).lower() == "true")
     for col in INT_COLUMNS:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import plugins, workload
+from . import decoding, plugins, workload
 from .cases import Case
 from .devices import is_cuda
 from .errors import one_line
@@ -88,6 +88,7 @@ class Prediction:
     input_bytes: int = 0
     flops: tuple[int, list[str]] | None = None
     error: str | None = None  # why there is no prediction (the case is then measured for real)
+    state_bytes: int | None = None  # decode: the state after the context, on fake tensors
 
 
 def predict(case: Case) -> Prediction:
@@ -117,6 +118,26 @@ def predict(case: Case) -> Prediction:
     return Prediction(predicted_bytes=int(peak), param_bytes=params, input_bytes=input_bytes, flops=counted)
 
 
+def predict_decode(case: Case) -> Prediction:
+    """A decode case on fake tensors: the state ``decode_init`` holds after the context (``state_bytes``) and the
+    peak of one warm step on top of it (``predicted_bytes``); nothing of size N is allocated. The state counts
+    with the inputs for the budget: it is held for the whole case."""
+    module, _ = decoding.build_decode_module(case)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode.cache_enabled = False  # as in predict()
+    with mode:
+        w = decoding.decode_workload(case, module)
+        held, _ = w.fill()
+        w.step()  # warm
+        peak, _ = memory.tracked_peak(w.step)
+        try:
+            counted = flop_counter.count_flops(w.step)
+        except Exception:
+            counted = None
+    return Prediction(predicted_bytes=int(peak), param_bytes=w.param_bytes, input_bytes=w.input_bytes() + held,
+                      flops=counted, state_bytes=held)
+
+
 class _Readings:
     """Which readings the row has (``predicted+time+tracker+...``), reported again as each one is taken."""
 
@@ -142,6 +163,9 @@ def _measure(case: Case, opts: RunOptions, report: Report) -> None:
         # make the case's device current (this child runs nothing else).
         torch.cuda.set_device(torch.device(case.device))
     readings = _Readings(report)
+    if case.phase == "decode":
+        _measure_decode(spec, case, opts, report, readings)
+        return
     fake_flops = None
     if opts.predict or opts.predict_only:
         pred = _predict_stage(case, report, readings)
@@ -155,13 +179,54 @@ def _measure(case: Case, opts: RunOptions, report: Report) -> None:
         fake_flops = pred.flops
     w = _build_stage(case, report)
     if opts.time:
-        _time_stage(case, opts, w, report, readings)
+        t = _time_stage(case, w.call, opts.warmup, opts.repeats, opts.min_time)
+        report({"time_ms_median": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer})
+        readings.took("time")
     elif opts.memory:
         w.call()  # warm: lazily built state is not part of the peak
     if opts.memory:
-        _memory_stage(case, w, report, readings)
+        _memory_stage(case, w.call, report, readings)
     if opts.measure_flops:
-        _flops_stage(spec, case, w, fake_flops, report, readings)
+        _flops_stage(spec, case, w.call, fake_flops, report, readings)
+    report({"status": Status.OK})
+
+
+def _measure_decode(spec, case: Case, opts: RunOptions, report: Report, readings: _Readings) -> None:
+    """A decode case's stages: predict, build, fill the state from the context (untimed, outside every peak, its
+    bytes tracked), one warm-up step, one tracked step (and its RSS or CUDA-allocator pass), ``decode_steps`` timed
+    single-token steps, and the FLOPs of one step (counted on fake tensors by the prediction, else of the next step). Each step consumes a token; the case has room for all of them
+    (``Case.capacity``)."""
+    fake_flops = None
+    if opts.predict or opts.predict_only:
+        pred = _predict_stage(case, report, readings, predict_decode)
+        if pred.state_bytes is not None:
+            report({"predicted_state_bytes": pred.state_bytes})
+        if opts.predict_only:
+            report(decoding.analytic_fields(case, pred.state_bytes))
+            _report_prediction(spec, case, pred, report)
+            return
+        over = _over_budget(pred, opts.mem_budget)
+        if over:
+            report({"status": Status.PREDICTED_OOM, "error": over})
+            return
+        fake_flops = pred.flops
+    w = decoding.prepare_decode(case)
+    report({"build_ms": round(w.build_ms, 3), "param_bytes": w.param_bytes,
+            "build_info": "; ".join(f"{k}={v}" for k, v in w.info.items()) or None})
+    held, _ = w.fill()
+    fields = decoding.analytic_fields(case, held)
+    report({"state_bytes": held, **fields})
+    readings.took("state")
+    w.step()  # warm: the first step after the context, untimed and untracked
+    if opts.memory:  # the step right after the warm one, as the prediction tracks it: a step's peak grows with its position
+        _memory_stage(case, w.step, report, readings)
+    if opts.time:
+        t = _time_stage(case, w.step, 0, case.decode_steps, None)
+        report({"time_ms_per_token": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer,
+                "read_gbps": decoding.read_gbps(fields["read_bytes"], t.median_ms)})
+        readings.took("time")
+    if opts.measure_flops:
+        _flops_stage(spec, case, w.step, fake_flops, report, readings)
     report({"status": Status.OK})
 
 
@@ -173,10 +238,10 @@ def _supported(spec, case: Case, report: Report) -> bool:
     return not reasons
 
 
-def _predict_stage(case: Case, report: Report, readings: _Readings) -> Prediction:
+def _predict_stage(case: Case, report: Report, readings: _Readings, how=None) -> Prediction:
     """Predict on fake tensors and report it; a mechanism whose ops have no fake/meta kernel is measured for real."""
     try:
-        pred = predict(case)
+        pred = (how or predict)(case)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
@@ -211,36 +276,35 @@ def _build_stage(case: Case, report: Report) -> workload.Workload:
     return w
 
 
-def _time_stage(case: Case, opts: RunOptions, w: workload.Workload, report: Report, readings: _Readings) -> None:
+def _time_stage(case: Case, call: Callable[[], Any], warmup: int, repeats: int,
+                min_time: float | None) -> timing.Timing:
+    """Median/IQR of ``call``: CUDA events on a GPU, perf_counter on the CPU."""
     if is_cuda(case.device):
-        t = timing.time_cuda(w.call, warmup=opts.warmup, repeats=opts.repeats, min_time=opts.min_time,
-                             device=torch.device(case.device))
-    else:
-        t = timing.time_cpu(w.call, warmup=opts.warmup, repeats=opts.repeats, min_time=opts.min_time)
-    report({"time_ms_median": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer})
-    readings.took("time")
+        return timing.time_cuda(call, warmup=warmup, repeats=repeats, min_time=min_time,
+                                device=torch.device(case.device))
+    return timing.time_cpu(call, warmup=warmup, repeats=repeats, min_time=min_time)
 
 
-def _memory_stage(case: Case, w: workload.Workload, report: Report, readings: _Readings) -> None:
+def _memory_stage(case: Case, call: Callable[[], Any], report: Report, readings: _Readings) -> None:
     """The tracker pass, then the CUDA allocator + NVML pass on a GPU, or the RSS pass on the CPU."""
-    peak, _ = memory.tracked_peak(w.call)
+    peak, _ = memory.tracked_peak(call)
     report({"peak_tensor_bytes": int(peak)})
     readings.took("tracker")
     if is_cuda(case.device):
-        _cuda_memory_stage(torch.device(case.device), w, report, readings)
+        _cuda_memory_stage(torch.device(case.device), call, report, readings)
     else:
-        rss, _ = memory.rss_pass(w.call)
+        rss, _ = memory.rss_pass(call)
         report({"rss_peak_bytes": rss})
         if rss is not None:
             readings.took("rss")
 
 
-def _cuda_memory_stage(dev: torch.device, w: workload.Workload, report: Report, readings: _Readings) -> None:
+def _cuda_memory_stage(dev: torch.device, call: Callable[[], Any], report: Report, readings: _Readings) -> None:
     nvml = memory.load_nvml()
     sampler = (memory.NvmlSampler(nvml, index=torch.cuda.current_device() if dev.index is None else dev.index,
                                   uuid=memory.cuda_uuid(dev)) if nvml is not None else None)
     try:
-        reading, _ = memory.cuda_pass(w.call, dev, sampler=sampler)  # the sampler starts after empty_cache
+        reading, _ = memory.cuda_pass(call, dev, sampler=sampler)  # the sampler starts after empty_cache
     finally:
         if nvml is not None:
             with contextlib.suppress(Exception):
@@ -253,10 +317,10 @@ def _cuda_memory_stage(dev: torch.device, w: workload.Workload, report: Report, 
     readings.took("cuda-allocator", *(["nvml"] if nvml_ok else []))
 
 
-def _flops_stage(spec, case: Case, w: workload.Workload, fake_flops: tuple[int, list[str]] | None, report: Report,
+def _flops_stage(spec, case: Case, call: Callable[[], Any], fake_flops: tuple[int, list[str]] | None, report: Report,
                  readings: _Readings) -> None:
     # FlopCounterMode counts from shapes, so the count made on fake tensors is the count; else count for real.
-    flops, missing = fake_flops if fake_flops is not None else flop_counter.count_flops(w.call)
+    flops, missing = fake_flops if fake_flops is not None else flop_counter.count_flops(call)
     report(_flops_fields(spec, case, flops, missing))
     readings.took("flops")
 
@@ -264,6 +328,8 @@ def _flops_stage(spec, case: Case, w: workload.Workload, fake_flops: tuple[int, 
 def _flops_fields(spec, case: Case, flops: int, missing: list[str]) -> dict[str, Any]:
     if not missing:
         return {"flops": flops, "flops_source": "FlopCounterMode"}
+    if case.phase == "decode":  # the declared analytic count is a prefill's
+        return {"flops": flops, "flops_source": f"FlopCounterMode (partial: uncounted {', '.join(missing)})"}
     analytic = spec.analytic_flops(batch=case.batch, heads=case.heads, n=case.n, head_dim=case.head_dim,
                                    causal=case.causal, **case.knob_dict)
     mult = 3 if case.mode == "fwd+bwd" else 1

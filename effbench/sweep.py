@@ -34,7 +34,8 @@ def make_row(case: Case, result: CaseResult) -> Row:
     spec = case.spec()
     return Row(case_key=case.key, mechanism=case.mechanism, family=spec.family, n=case.n, batch=case.batch,
                heads=case.heads, head_dim=case.head_dim, dtype=case.dtype, device=case.device, mode=case.mode,
-               causal=case.causal, seed=case.seed, knobs=spec.resolve_knobs(case.knob_dict), result=result)
+               causal=case.causal, seed=case.seed, knobs=spec.effective_knobs(case.knob_dict, {"heads": case.heads}),
+               result=result, phase=case.phase, decode_steps=case.decode_steps if case.phase == "decode" else None)
 
 
 def case_row(case: Case) -> dict[str, Any]:

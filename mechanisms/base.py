@@ -363,6 +363,11 @@ class MechanismSpec:
             self.knob(next(iter(given)))  # raises with the valid names
         return out
 
+    def effective_knobs(self, knobs: Mapping[str, Any] | Iterable[tuple[str, Any]] | None,
+                        fields: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`resolve_knobs` with each ``default_from`` knob at the value in force (``kv_heads`` = heads)."""
+        return {name: self.knob(name).effective(value, fields) for name, value in self.resolve_knobs(knobs).items()}
+
     def build(self, *, head_dim: int, heads: int, n: int, causal: bool = False, seed: int = 0, **knobs) -> nn.Module:
         """Instantiate the module; random state is drawn here from ``seed``."""
         values = self.resolve_knobs(knobs)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
 from ._banded import Band, Gathered, Shared, additive_bias, band_matmul, neg_for
+from ._decode import StaticKV, attend_one
 from ._flex import PatternAttention, count_tiles, flex_reasons
-from .base import Fidelity, Knob, decreasing, register
+from .base import KV_HEADS, Fidelity, Knob, decreasing, register
 
 
 def random_blocks(nb: int, r: int, causal: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +71,7 @@ def bigbird_pattern(n: int, block: int, causal: bool, table: torch.Tensor):
         Knob("random_blocks", default=3, minimum=0, help="random key blocks r per middle query block"),
         Knob("impl", default="eager", type=str, choices=("eager", "flex"),
              help="eager: blocked matmuls with gathered random blocks; flex: compiled FlexAttention"),
+        KV_HEADS,
     ],
 )
 class BigBirdAttention(PatternAttention):
@@ -93,12 +97,34 @@ class BigBirdAttention(PatternAttention):
 
     flex: ``flex_attention`` with the same mask, tiles of b×b (when b is a multiple of 16;
     128×128 otherwise), so the tile structure is the block structure.
+
+    Decode (causal), for the length n the module was built for (its random table covers every block up
+    to n; the harness builds it for context + steps). Query i in block I = ⌊i/b⌋ (nb = ⌈n/b⌉) sees, exactly
+    as the causal pattern above:
+    - I = 0 or I = nb − 1 (a global row), or I = 1 (its neighbours and the global block 0 are blocks 0
+      and 1): every j ≤ i;
+    - a middle block 2 ≤ I ≤ nb − 2: block 0, block I − 1, block I up to i and R(I) (min(r, I − 2) blocks,
+      all in 1 … I − 2): 2b + (i − I·b + 1) + min(r, I − 2)·b keys, at most (3 + r)·b.
+    The state keeps every position, a :class:`StaticKV` of the whole capacity (like dense: 2·B·kv_heads·n·D
+    elements, O(N)): a later block's random blocks may be any earlier block, and a token of the last block
+    attends to everything before it. A middle step gathers its ≤ (3 + r)·b keys with ``index_select`` and
+    reads 2·B·kv_heads·(≤ (3 + r)·b)·D elements, ≤ 4·B·H·(3 + r)·b·D FLOPs, constant in N; a global step
+    (the last block) reads the whole filled cache, 4·B·H·(i + 1)·D FLOPs, like dense. With the context a
+    multiple of b and no more than b new tokens, every new token is in the last block (n = N0 + T puts block
+    nb − 1 at N0): each step is then a dense step. ``decode_read_bytes`` declares the median over the
+    steps N0 … capacity − 1 of what a step reads.
+    HuggingFace's BigBird has no block-sparse decode form at all: block-sparse attention is its encoder
+    path (no past_key_values), and ``BigBirdForCausalLM`` switches to ``attention_type="original_full"``,
+    dense attention with an ordinary KV cache. This causal pattern and its decode are our own.
     """
+
+    decode_form = ("KV cache of every position (random blocks reach any earlier block): 2·B·kv_heads·N·D; "
+                   "a step reads ≤ (3+r)·b gathered keys, the whole cache in a global (last-block) row")
 
     fidelity = (Fidelity("block", (8, 16, 32, 64), (decreasing(),), why="(5 + r)·b keys per query: more with b"),)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int, block: int,
-                 random_blocks: int, impl: str = "eager"):
+                 random_blocks: int, impl: str = "eager", kv_heads: int = 0):
         super().__init__()
         self.block, self.random_blocks = block, random_blocks
         self.nb = -(-n // block)
@@ -200,6 +226,53 @@ class BigBirdAttention(PatternAttention):
         out = torch.cat([first.flatten(0, 1), middle, final.flatten(0, 1)], dim=1)  # (B·H, N, D)
         return out.unflatten(0, (B, H))  # (B, H, N, D)
 
+    # -- decode --------------------------------------------------------------------------
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> StaticKV:
+        if capacity > self.n:
+            raise ValueError(f"bigbird was built for n={self.n} (its random blocks depend on it); "
+                             f"a decode capacity of {capacity} positions needs a module built for it")
+        return StaticKV(k, v, capacity)  # (B, Hkv, capacity, D) twice
+
+    def decode_step(self, state: StaticKV, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        state.append(k, v)
+        i, b = state.length - 1, self.block
+        I = i // b
+        if I <= 1 or I >= self.nb - 1:  # global row (or block 1, whose neighbours are blocks 0 and 1): all j <= i
+            keys, values = state.keys()  # (B, Hkv, i + 1, D)
+            return attend_one(q, keys, values, self.scale)  # (B, H, 1, D)
+        dev = state.k.device
+        nr = min(self.random_blocks, I - 2)  # valid random blocks, sorted first in the table row
+        blocks = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
+                            self.rand_index[I - 1, :nr].to(dev)])  # (1 + nr,) block 0 and R(I), all < I − 1
+        full = (blocks[:, None] * b + torch.arange(b, device=dev)).flatten()  # ((1 + nr)·b,)
+        near = torch.arange((I - 1) * b, i + 1, device=dev)  # (b + i − I·b + 1,) block I − 1, block I up to i
+        idx = torch.cat([full, near])  # (L,) L ≤ (3 + r)·b distinct positions
+        keys = state.k.index_select(2, idx)  # (B, Hkv, L, D)
+        values = state.v.index_select(2, idx)  # (B, Hkv, L, D)
+        return attend_one(q, keys, values, self.scale)  # (B, H, 1, D)
+
+    @staticmethod
+    def _keys_seen(i: int, n: int, block: int, random_blocks: int) -> int:
+        """Keys query i sees in the causal pattern built for length n (the count a decode step reads)."""
+        I, nb = i // block, -(-n // block)
+        if I <= 1 or I >= nb - 1:
+            return i + 1
+        return 2 * block + (i - I * block + 1) + min(random_blocks, I - 2) * block
+
+    @classmethod
+    def state_bytes(cls, *, batch: int, heads: int, kv_heads: int, head_dim: int, n: int, capacity: int,
+                    itemsize: int, block: int, random_blocks: int, impl: str = "eager") -> int:
+        return StaticKV.nbytes(batch=batch, kv_heads=kv_heads, capacity=capacity, head_dim=head_dim,
+                               itemsize=itemsize)
+
+    @classmethod
+    def decode_read_bytes(cls, *, batch: int, heads: int, kv_heads: int, head_dim: int, n: int, capacity: int,
+                          itemsize: int, block: int, random_blocks: int, impl: str = "eager") -> int:
+        """The median over the steps at positions n … capacity − 1 (module built for capacity) of the keys and
+        values a step reads: ≤ (3 + r)·b positions in a middle block, i + 1 in a global (last-block) row."""
+        seen = [cls._keys_seen(i, capacity, block, random_blocks) for i in range(n, max(capacity, n + 1))]
+        return 2 * batch * kv_heads * statistics.median_low(seen) * head_dim * itemsize
+
     # -- declarations --------------------------------------------------------------------
     @classmethod
     def check(cls, *, n: int, causal: bool, heads: int, head_dim: int, device: str, dtype: str,
@@ -213,7 +286,7 @@ class BigBirdAttention(PatternAttention):
 
     @classmethod
     def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, block: int,
-                       random_blocks: int, impl: str = "eager") -> int:
+                       random_blocks: int, impl: str = "eager", kv_heads: int = 0) -> int:
         """Exact for eager (what FlopCounterMode counts); for flex, the non-empty tiles (drawn with seed 0:
         with b×b tiles their number does not depend on the seed)."""
         nb = -(-n // block)

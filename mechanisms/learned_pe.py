@@ -18,6 +18,7 @@ class LearnedPositionalEncoding(nn.Module):
 
     inputs = "x"  # forward(x), x (B, N, H·D)
     comparable = "position"  # its own figure and table, never an attention crossover
+    no_decode_reason = "a position encoding, not attention: it keeps no per-token state (a step adds one row)"
     causal_applies = False
     fidelity = None
     no_fidelity_reason = "a position encoding is not attention; only its output and gradients against reference()"

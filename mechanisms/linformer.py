@@ -32,6 +32,8 @@ class LinformerAttention(nn.Module):
     fidelity = (Fidelity("rank", (16, 64, 256), (), why="a learned projection: never equal to dense, no promise"),)
 
     supports_causal = False
+    no_decode_reason = ("no causal form: the projection E K mixes every position of the sequence, so there is no "
+                        "prefix state a new token could extend")
     causal_reason = ("the projection E K mixes every position of the sequence, so each projected key "
                      "already contains future positions; there is no causal mask to apply")
 

@@ -64,6 +64,9 @@ class ReformerAttention(nn.Module):
     linear_at = {"buckets": 64}  # the default n_b ≈ 2N/c makes hashing FLOPs quadratic
 
     supports_causal = True
+    no_decode_reason = ("not implemented: a new token's LSH bucket neighbours come from re-sorting every past key "
+                        "per round, so decode needs the whole KV cache plus each key's bucket (HuggingFace keeps "
+                        "exactly that); it would measure as dense's cache")
     supports_bidirectional = True
     SELF_SCORE = -1e5  # HF self_mask_value_float32
     SELF_SCORE_FP16 = -1e3  # HF self_mask_value_float16 (−1e5 overflows float16)
