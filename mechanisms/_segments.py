@@ -2,6 +2,12 @@
 
 Not a mechanism: no ``@register`` here. Each segment of L queries attends, causally, to
 itself and to a detached context of earlier positions; all segments are processed at once.
+Grouped-query: K and V arrive with kv_heads heads and are repeated to H (:func:`repeat_kv`)
+before the attention; a context computed from them (compressive pooling) may be built per kv
+head first and repeated after (:func:`repeat_heads`).
+
+Decode: :func:`segment_visible` masks a :class:`RingKV` of the last L + M positions down to the
+segment-and-memory window of the position just written.
 """
 
 from __future__ import annotations
@@ -12,7 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import masked_softmax_attention
+from ._decode import RingKV
+from .base import masked_softmax_attention, repeat_kv
+
+
+def repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv, ...) -> (B, H, ...): :func:`repeat_kv` for any rank (kv head h serves query heads
+    h·G … h·G + G − 1, G = H / Hkv); the tensor itself when Hkv == H."""
+    Hkv = t.shape[1]
+    if Hkv == heads:
+        return t
+    return t.unsqueeze(2).expand(t.shape[0], Hkv, heads // Hkv, *t.shape[2:]).flatten(1, 2)  # (B, H, ...)
+
+
+def segment_visible(ring: RingKV, segment: int, memory: int) -> torch.Tensor:
+    """(size,) the ring slots position i = ring.length − 1 sees: j ∈ [⌊i/L⌋·L − M, i] (its segment so far
+    and the M positions before the segment start). The ring holds the last L + M ≥ i − (⌊i/L⌋·L − M) + 1."""
+    i = ring.length - 1
+    return ring.visible & (ring.pos >= (i // segment) * segment - memory)  # (L+M,)
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
@@ -71,20 +94,24 @@ def dense_mixed(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, t
 
 
 class SegmentRecurrence(nn.Module):
-    """Shared forward of the segment-recurrent mechanisms: pad N to whole segments of
-    ``self.segment``, ask ``self._context(k, v, S)`` for each segment's detached context
-    (keys (B, H, S, D, C), values (B, H, S, C, D), visibility (S, C)), attend, unpad."""
+    """Shared forward of the segment-recurrent mechanisms: repeat K, V (B, Hkv, N, D) to the H query
+    heads, pad N to whole segments of ``self.segment``, ask ``self._context(k, v, S, k_kv, v_kv)`` for
+    each segment's detached context (keys (B, H, S, D, C), values (B, H, S, C, D), visibility (S, C);
+    k, v repeated, k_kv, v_kv the kv-head originals), attend, unpad."""
 
     segment: int
 
-    def _context(self, k: torch.Tensor, v: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _context(self, k: torch.Tensor, v: torch.Tensor, n_seg: int, k_kv: torch.Tensor,
+                 v_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         N = q.shape[2]
         L = self.segment
         S = math.ceil(N / L)
-        ctx_k, ctx_v, visible = self._context(k, v, S)
+        k_kv, v_kv = k, v  # (B, Hkv, N, D)
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # (B, H, N, D)
+        ctx_k, ctx_v, visible = self._context(k, v, S, k_kv, v_kv)
         if S * L > N:
             pad = (0, 0, 0, S * L - N)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)

@@ -197,10 +197,37 @@ def test_two_builds_with_one_seed_are_identical(mechanism_mode):
         assert torch.equal(a(*inputs), b(*inputs)), f"{name}: outputs differ between two builds"
 
 
+# ------------------------------------------------------------------------------ grouped-query attention
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_grouped_query_forward_equals_reference(mechanism, kv_heads):
+    """With kv_heads < heads (H=4: GQA with 2, MQA with 1), K and V carry kv_heads heads and forward equals
+    reference() (which repeats them) in float32 against float64, each causal mode, B=2, N=777."""
+    spec = mechanisms.get(mechanism)
+    if "kv_heads" not in spec.knob_names:
+        pytest.skip(f"{mechanism} takes no kv_heads knob")
+    for causal in _modes(spec):
+        knobs, reasons = choose_knobs(spec, DEFAULT_N, causal, batch=BATCH, heads=4, mode="fwd", dtype="float32",
+                                      device="cpu", seed=0)
+        if knobs is None:
+            continue
+        knobs = {**knobs, "kv_heads": kv_heads}
+        module = spec.build(head_dim=HEAD_DIM, heads=4, n=DEFAULT_N, causal=causal, seed=0, **knobs)
+        q, k, v = spec.make_inputs(batch=BATCH, heads=4, n=DEFAULT_N, head_dim=HEAD_DIM, dtype=torch.float64,
+                                   knobs=knobs)
+        assert k.shape[1] == v.shape[1] == kv_heads
+        with torch.no_grad():
+            ref = module.to(torch.float64).reference(q, k, v)  # (B, 4, N, D)
+            out = module.to(torch.float32)(q.float(), k.float(), v.float())
+        assert out.shape == ref.shape
+        err = float((out.double() - ref).abs().max())
+        assert err <= TOL * max(1.0, float(ref.abs().max())), f"{mechanism} causal={causal} kv_heads={kv_heads}: {err:.2e}"
+
+
 # ------------------------------------------------------------------------------ decode
 
 def test_decode_equals_causal_prefill(mechanism):
-    """T = 9 single-token steps after a context of N0 = 777 equal the float64 causal reference over N0 + T at its
+    """T single-token steps (9, or the longest window/segment/block + 2) after a context of N0 = 777 equal the float64 causal reference over N0 + T at its
     last T rows (atol 1e-5), B=2, H=4, with kv_heads 4, 2 and 1 where the mechanism takes it; the state's measured
     bytes equal its declared ``state_bytes``. A mechanism with no decode form says why."""
     from effbench.verify.decode import check_decode

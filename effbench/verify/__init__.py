@@ -9,6 +9,9 @@ from what the mechanism declares (``mechanisms.base``: knobs' ``small``/``length
    no window, block, bucket, chunk or segment tiles N; causal and bidirectional where supported.
 2. **Fidelity** (:mod:`.fidelity`): the error against exact attention over the declared sweep, and
    the declared trends theory promises.
+3. **Decode** (:mod:`.decode`): single-token steps after a context of N equal the causal prefill
+   (float64 reference), and the state's measured bytes equal its declared formula; MHA, GQA and MQA
+   where the mechanism takes ``kv_heads``; n/a with the mechanism's reason where it has no decode form.
 
 The rows are :class:`.report.CheckResult` records; :mod:`.report` writes and reads the CSV and
 ``effbench.render`` draws the table. Deterministic under ``seed``.
@@ -24,6 +27,7 @@ from ..cases import DTYPES
 from ..errors import one_line
 from ..units import UsageError
 from .fidelity import check_fidelity, check_trend
+from .decode import check_decode
 from .implementation import check_implementation
 from .report import COLUMNS, CheckResult, VerifyReport, read_csv, write_csv
 from .settings import BATCH, DEFAULT_N, HEADS, TOLERANCES, fmt_knobs, mode_label, small_value, choose_knobs
@@ -98,4 +102,10 @@ def verify_mechanism(spec, *, n: int, device: str, dtype: str, seed: int, tol: f
     if spec.fidelity is None:
         rows.append(CheckResult(mechanism=spec.name, check="fidelity", n=n, applicable=False,
                                 reason=spec.no_fidelity_reason, detail=f"n/a: {spec.no_fidelity_reason}"))
+    try:
+        rows += check_decode(spec, n=n, dtype=dtype, device=device, seed=seed, tol=tol)
+    except Exception as exc:
+        why = one_line(exc, 200, first_line=True)
+        rows.append(CheckResult(mechanism=spec.name, check="decode", n=n, causal=True, mode="causal", passed=False,
+                                reason=why, detail=f"causal; {why}"))
     return rows

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
+import mechanisms.base as mechanisms
+
 from ..cases import DTYPES
 from ..errors import one_line
 from ..measure import memory
 from .report import CheckResult
 from .settings import BATCH, HEAD_DIM, choose_knobs, fmt_knobs, stats
 
-DECODE_STEPS = 9  # T: a few steps, so ring buffers wrap and segments close inside the check
+DECODE_STEPS = 9  # T at least; more where a length knob is longer, so every ring wraps and a segment closes
 DECODE_HEADS = 4  # H divisible by 2 and 1: MHA, GQA and MQA in one check
 STATE_TOLERANCE = 0.01
 
@@ -79,8 +81,16 @@ def kv_variants(spec, heads: int = DECODE_HEADS) -> list[int]:
     return list(dict.fromkeys([heads, heads // 2, 1]))
 
 
+def steps_for(spec, knobs: dict) -> int:
+    """T: :data:`DECODE_STEPS`, or two more than the longest length knob (window, segment, block), so the steps
+    wrap every ring buffer and cross a segment or block boundary whatever N0 is."""
+    lengths = [int(knobs[k.name]) for k in spec.knobs if k.name in knobs and mechanisms.is_length(k)
+               and isinstance(knobs[k.name], int)]
+    return max([DECODE_STEPS] + [v + 2 for v in lengths])
+
+
 def check_decode(spec, *, n: int, dtype: str, device: str, seed: int, tol: float,
-                 steps: int = DECODE_STEPS) -> list[CheckResult]:
+                 steps: int | None = None) -> list[CheckResult]:
     """The ``decode`` rows of ``effbench verify`` for one mechanism (one per kv_heads variant)."""
     base = dict(mechanism=spec.name, check="decode", n=n, causal=True, mode="causal")
     if not spec.decodes:
@@ -92,6 +102,7 @@ def check_decode(spec, *, n: int, dtype: str, device: str, seed: int, tol: float
         why = "; ".join(reasons)
         return [CheckResult(reason=why, detail=f"causal; skipped: {why}", **base)]
     knobs.pop("kv_heads", None)
+    steps = steps or steps_for(spec, knobs)
     rows = []
     for kv in kv_variants(spec):
         label = fmt_knobs({**knobs, **({"kv_heads": kv} if "kv_heads" in spec.knob_names else {})})
@@ -112,6 +123,6 @@ def check_decode(spec, *, n: int, dtype: str, device: str, seed: int, tol: float
             max_abs_err=o.max_abs_err, error_rel=o.error_rel, cosine=o.cosine, tolerance=tol, passed=close and state_ok,
             reason=why, knobs=label, knob="kv_heads" if "kv_heads" in spec.knob_names else "",
             knob_value=o.kv_heads if "kv_heads" in spec.knob_names else None,
-            detail=(f"causal; {steps} steps after N0={n}; state {o.state_bytes} B measured = "
+            detail=(f"causal; kv_heads {o.kv_heads} of {DECODE_HEADS}; {steps} steps after N0={n}; state {o.state_bytes} B measured = "
                     f"{o.state_bytes_analytic} B declared" if state_ok else f"causal; {why}"), **base))
     return rows

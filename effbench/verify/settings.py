@@ -62,12 +62,13 @@ def small_value(knob: mechanisms.Knob, n: int) -> Any:
 
 def knob_candidates(spec: mechanisms.MechanismSpec, n: int) -> list[dict[str, Any]]:
     """The awkward setting first, then fallbacks (one axis knob back to its default, then all defaults)."""
-    awkward = {k.name: small_value(k, n) for k in spec.knobs}
+    # a knob whose default is a case field (kv_heads = heads) stays at it: the decode check varies kv_heads itself
+    awkward = {k.name: small_value(k, n) for k in spec.knobs if not k.default_from}
     out = [awkward]
     for k in spec.knobs:
-        if k.axis is not None and awkward[k.name] != k.default:
+        if k.axis is not None and k.name in awkward and awkward[k.name] != k.default:
             out.append({**awkward, k.name: k.default})
-    out.append({k.name: k.default for k in spec.knobs})
+    out.append({k.name: k.default for k in spec.knobs if not k.default_from})
     unique: list[dict[str, Any]] = []
     for c in out:
         if c not in unique:
