@@ -111,12 +111,14 @@ def estimate_table(rows: Iterable) -> Table:
 
 def registry_table() -> Table:
     table = Table(title="effbench mechanisms")
-    for col in ("name", "family", "complexity", "memory", "knobs (default, sweep axis)", "causal", "bidir"):
-        table.add_column(col)
+    for col in ("name", "family", "complexity", "memory", "knobs (default, sweep axis)", "causal", "bidir",
+                "decode state"):
+        table.add_column(col, overflow="fold")
     for spec in mechanisms.REGISTRY.values():
         table.add_row(spec.name, spec.family, spec.complexity, spec.memory_complexity or "—",
                       ", ".join(k.describe() for k in spec.knobs) or "—",
-                      "yes" if spec.supports_causal else "no", "yes" if spec.supports_bidirectional else "no")
+                      "yes" if spec.supports_causal else "no", "yes" if spec.supports_bidirectional else "no",
+                      spec.decode_form if spec.decodes else "[dim]none[/]")
     return table
 
 

@@ -59,7 +59,8 @@ def make_call(case: Case, module: torch.nn.Module, device: str | None = None) ->
     dtype = case.torch_dtype
     backward = case.mode == "fwd+bwd"
     inputs = case.spec().make_inputs(batch=case.batch, heads=case.heads, n=case.n, head_dim=case.head_dim,
-                                     dtype=dtype, device=device, seed=case.seed, requires_grad=backward)
+                                     dtype=dtype, device=device, seed=case.seed, requires_grad=backward,
+                                     knobs=case.knob_dict)  # K and V with kv_heads heads
     if backward:
         g = torch.Generator(device="cpu").manual_seed(case.seed + 7)
         upstream = torch.randn(inputs[0].shape, generator=g).to(device=device, dtype=dtype)  # output's shape

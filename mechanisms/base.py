@@ -150,7 +150,7 @@ class Knob:
         return out
 
     def describe(self) -> str:
-        flag = f" (--{self.axis})" if self.axis else ""
+        flag = f" (--{self.axis.replace('_', '-')})" if self.axis else ""
         default = f"{self.default_from}" if self.default_from else self.default
         return f"{self.name}={default}{flag}"
 

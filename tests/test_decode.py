@@ -87,6 +87,14 @@ def test_kv_heads_shapes_inputs():
     assert all(torch.equal(a, b) for a, b in zip(same, plain))
 
 
+def test_a_gqa_prefill_case_runs_with_fewer_kv_heads():
+    """A sweep row with kv_heads < heads gets K and V of kv_heads heads (its inputs shrink, its FLOPs do not)."""
+    from effbench.workload import prepare
+    w = prepare(Case(mechanism="sdpa", n=64, heads=8, head_dim=16, knobs=(("kv_heads", 2),)))
+    assert [tuple(t.shape) for t in w.inputs] == [(1, 8, 64, 16), (1, 2, 64, 16), (1, 2, 64, 16)]
+    assert w.call().shape == (1, 8, 64, 16)
+
+
 # ------------------------------------------------------------------------------ the runner
 
 @pytest.fixture(scope="module")

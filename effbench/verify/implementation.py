@@ -81,7 +81,7 @@ def run_pair(spec, *, n: int, causal: bool, knobs: dict, dtype: str, device: str
         module = build_on(spec, head_dim=HEAD_DIM, heads=HEADS, n=n, causal=causal, seed=seed, knobs=knobs,
                           device=device, dtype=tdtype)
         inputs = spec.make_inputs(batch=BATCH, heads=HEADS, n=n, head_dim=HEAD_DIM, dtype=tdtype, device=device,
-                                  seed=seed, requires_grad=True)
+                                  seed=seed, requires_grad=True, knobs=knobs)
         names = ["x"] if spec.inputs == "x" else ["q", "k", "v"][:len(inputs)]
         pnames = [name for name, p in module.named_parameters() if p.requires_grad]
         stage = "forward"
