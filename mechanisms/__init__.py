@@ -9,9 +9,9 @@ Importing this package registers every built-in mechanism::
 """
 
 from .base import (
-    FAMILIES, REGISTRY, Fidelity, Knob, MechanismSpec, RegistryError, Trend, axis_knobs, decreasing,
+    FAMILIES, KV_HEADS, REGISTRY, Fidelity, Knob, MechanismSpec, RegistryError, Trend, axis_knobs, decreasing,
     equals_dense_at, get, ratio_per_4x, register, resolve_length,
-    causal_mask, mask_from_mod, masked_softmax_attention, positions,
+    causal_mask, mask_from_mod, masked_softmax_attention, positions, repeat_kv,
 )
 
 # One module per mechanism; each registers itself on import.
@@ -21,7 +21,7 @@ from . import linear, performer, linformer  # noqa: E402,F401  kernel and low-ra
 from . import reformer, transformer_xl, compressive, axial, learned_pe  # noqa: E402,F401  hashing, recurrence, positions
 
 __all__ = [
-    "FAMILIES", "REGISTRY", "Fidelity", "Knob", "MechanismSpec", "RegistryError", "Trend", "axis_knobs",
+    "FAMILIES", "KV_HEADS", "REGISTRY", "Fidelity", "Knob", "MechanismSpec", "RegistryError", "Trend", "axis_knobs",
     "decreasing", "equals_dense_at", "get", "ratio_per_4x", "register", "resolve_length",
-    "causal_mask", "mask_from_mod", "masked_softmax_attention", "positions",
+    "causal_mask", "mask_from_mod", "masked_softmax_attention", "positions", "repeat_kv",
 ]

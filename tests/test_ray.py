@@ -30,7 +30,8 @@ from effbench.status import Status  # noqa: E402
 from effbench.sweep import run_sweep  # noqa: E402
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "faulty.py")
-DETERMINISTIC = ["case_key", "status", "peak_tensor_bytes", "predicted_bytes", "flops", "param_bytes"]
+DETERMINISTIC = ["case_key", "status", "peak_tensor_bytes", "predicted_bytes", "flops", "param_bytes", "phase",
+                 "state_bytes", "predicted_state_bytes"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,12 @@ def _hang(heads=1):
 
 def test_ray_rows_equal_local_rows(cluster, tmp_path):
     cases = expand(["dense", "sdpa", "local"], [64, 256], axes={"window": [16]}, heads=2, head_dim=16)
+    cases += expand(["dense", "local"], [64, 256], axes={"window": [16]}, heads=2, head_dim=16, phase="decode",
+                    decode_steps=3)  # decode rows too: state bytes are deterministic
     local = run_sweep(cases, _opts(), tmp_path / "local.csv", executor=LocalExecutor())
     with _ray() as ex:
         through_ray = run_sweep(cases, _opts(), tmp_path / "ray.csv", executor=ex)
-    assert len(local.rows) == len(through_ray.rows) == 6
+    assert len(local.rows) == len(through_ray.rows) == 10
     a, b = (results.read_results(tmp_path / f"{name}.csv").sort_values("case_key").reset_index(drop=True)
             for name in ("local", "ray"))
     assert (a["status"] == "ok").all()
