@@ -22,9 +22,10 @@ Vocabulary:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -53,7 +54,8 @@ CUDA_READINGS = {"peak_alloc_bytes": "CUDA allocator peak (max_memory_allocated)
                  "nvml_peak_bytes": "NVML device memory above idle",
                  "nvml_process_peak_bytes": "NVML process memory"}
 DERIVED_COLUMNS = ("knobs", "setting", "config", "comparable", "memory_bytes", "memory_source", "time_ms",
-                   "time_iqr_ms")  # added by prepare()
+                   "time_iqr_ms",  # added by prepare()
+                   "state", "state_source", "kv_heads_eff", "decode_setting")  # and by decode_analysis.prepare_decode()
 
 
 # --------------------------------------------------------------------------- rows -> points
@@ -87,8 +89,37 @@ def comparable_of(mechanism: Any) -> str:
     return spec.comparable if spec is not None else ATTENTION
 
 
-def _knob_text(row: pd.Series, knobs: list[str]) -> str:
-    parts = [f"{k}={v}" for k in knobs if (v := fmt_value(row.get(k))) is not None]
+@functools.lru_cache(maxsize=None)
+def field_default_knobs(mechanism: str) -> dict[str, tuple[Any, str]]:
+    """Knobs of ``mechanism`` whose default is a case field (``kv_heads``: ``heads``): knob -> (stored default,
+    field); {} for a name the registry does not know."""
+    import mechanisms
+
+    spec = mechanisms.REGISTRY.get(str(mechanism))
+    return {k.name: (k.default, k.default_from) for k in spec.knobs if k.default_from} if spec is not None else {}
+
+
+def at_field_default(row: pd.Series, knob: str) -> bool:
+    """Whether ``row``'s ``knob`` is at a default taken from a case field: empty, the stored default, or that
+    field's value (``kv_heads`` empty, 0 or = ``heads``): one case, as in the case key."""
+    declared = field_default_knobs(str(row.get("mechanism"))).get(knob)
+    if declared is None:
+        return False
+    value = fmt_value(row.get(knob))
+    return value is None or value in (fmt_value(declared[0]), fmt_value(row.get(declared[1])))
+
+
+def _knob_text(row: pd.Series, knobs: list[str], effective: Iterable[str] = ()) -> str:
+    """``k=v`` of the knobs that have a value; a knob at its case-field default (``kv_heads`` = ``heads``) is
+    left out, unless it is in ``effective``: then it shows the value in force (the field's)."""
+    parts = []
+    for k in knobs:
+        if at_field_default(row, k):
+            if k in effective:
+                parts.append(f"{k}={fmt_value(row.get(field_default_knobs(str(row.get('mechanism')))[k][1]))}")
+            continue
+        if (v := fmt_value(row.get(k))) is not None:
+            parts.append(f"{k}={v}")
     return ",".join(parts)
 
 
@@ -157,13 +188,15 @@ def _labels(cfg: pd.DataFrame, rows: pd.DataFrame) -> pd.Series:
     """Label per configuration: mechanism, the knobs that vary for it, the settings that vary in the file."""
     knobs = knob_columns(rows)
     varying_setting = [c for c in SETTING_COLUMNS + ["seed"] if rows[c].astype(str).nunique() > 1]
-    per_config = rows.groupby("config", sort=False)[knobs].first() if knobs else pd.DataFrame(index=cfg.index)
+    per_config = rows.groupby("config", sort=False)[["mechanism", *SETTING_COLUMNS, *knobs]].first()
     labels = {}
     for mech, group in cfg.groupby("mechanism", sort=False):
         kv = per_config.loc[group.index]
-        shown = [k for k in knobs if kv[k].map(fmt_value).nunique(dropna=False) > 1] or knobs
+        in_force = {k: kv.apply(lambda r, k=k: _knob_text(r, [k], effective=[k]), axis=1) for k in knobs}
+        varying = [k for k in knobs if in_force[k].nunique() > 1]
+        shown = varying or knobs
         for config in group.index:
-            text = _knob_text(kv.loc[config], shown)
+            text = _knob_text(kv.loc[config], shown, effective=varying)
             label = f"{mech}[{text}]" if text else str(mech)
             extra = [_setting_part(c, cfg.at[config, c]) for c in varying_setting]
             labels[config] = " ".join([label] + extra)

@@ -272,7 +272,7 @@ def plot(
     csv: Annotated[Path, typer.Argument(help="A results CSV written by `effbench sweep` (or `estimate --out`).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for figures and tables (default: <csv stem>_plots beside the CSV).")] = None,
     format_: Annotated[str, typer.Option("--format", help="Comma list of figure formats, e.g. png,svg.")] = "png",
-    budget: Annotated[Optional[str], typer.Option(help="Memory budget for 'largest N that fits', e.g. 80GiB.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Memory budget for 'largest N that fits' (prefill: peak memory of a call; decode: the cache/state bytes), e.g. 80GiB.")] = None,
     verify_csv: Annotated[Optional[Path], typer.Option("--verify", help="verify.csv from `effbench verify`: adds error-vs-knob figures.")] = None,
 ) -> None:
     """Figures, fitted slopes, crossover N*, largest N under a budget and a Markdown summary, from files only."""

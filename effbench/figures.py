@@ -7,7 +7,12 @@
 - ``cuda_memory_vs_n``: CUDA allocator / NVML readings of the attention configurations, when the file has any;
 - ``positions_vs_n``: the position encodings alone: parameters and peak memory vs N, each encoding against
   the reference table (see ``effbench.positions``);
-- ``error_vs_knob``: fidelity error vs each mechanism's swept knob (from an ``effbench verify`` CSV).
+- ``error_vs_knob``: fidelity error vs each mechanism's swept knob (from an ``effbench verify`` CSV);
+- ``decode_state_vs_n`` (decode rows): KV cache / state bytes vs context N, log-log, one panel per state class
+  (grows with N, constant), the fitted log-log slope and the affine fit in each label, the affine fit dotted
+  out to N = 1M; configurations with the same state at every N share one line;
+- ``decode_time_vs_n`` (decode rows): per state class, time per token vs N (log-log, fitted slopes, IQR bars)
+  and each point's read GB/s against the device's measured copy bandwidth (a horizontal line, from the sidecar).
 
 Position encodings (declared ``comparable = "position"``) never appear on the attention figures.
 """
@@ -24,6 +29,16 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from .analysis import CUDA_READINGS, Analysis, knob_sweeps
+from .decode_analysis import (
+    CLASS_TITLES,
+    CONSTANT,
+    GROWS,
+    STATE_AT_N,
+    STATE_SOURCES,
+    UNFITTED,
+    DecodeAnalysis,
+    copy_lines,
+)
 from .figure_base import (
     Marker,
     PlotResult,
@@ -37,13 +52,14 @@ from .figure_base import (
 from .fits import FAILED_STATUSES, METRICS, Fit
 from .status import Status
 from .summary import fmt_n, fmt_ratio, fmt_slope, memory_axis_label
+from .units import fmt_bytes
 
 STATUS_MARKERS = {Status.OOM: dict(marker="x", markersize=9, markeredgewidth=2),
                   Status.PREDICTED_OOM: dict(marker="X", markersize=9, markerfacecolor="none", markeredgewidth=1.3),
                   Status.TIMEOUT: dict(marker="v", markersize=8, markerfacecolor="none", markeredgewidth=1.5),
                   Status.KILLED: dict(marker="*", markersize=10, markerfacecolor="none", markeredgewidth=1.2)}
 FIGURE_NAMES = {"memory": "memory_vs_n", "time": "time_vs_n", "cuda": "cuda_memory_vs_n", "error": "error_vs_knob",
-                "positions": "positions_vs_n"}
+                "positions": "positions_vs_n", "decode_state": "decode_state_vs_n", "decode_time": "decode_time_vs_n"}
 SHORT = {"memory": "mem", "time": "time", "params": "params"}  # metric as named in a legend
 
 
@@ -312,3 +328,175 @@ def _inverse_sqrt_reference(ax, group: pd.DataFrame) -> None:
     ms = np.geomspace(m0, float(first["knob_value"].max()), 30)
     ax.plot(ms, e0 * np.sqrt(m0 / ms), color="0.55", linestyle=(0, (4, 3)), linewidth=1, alpha=0.6,
             label="∝ 1/√m (reference)", gid="reference:1/sqrt(m)")
+
+
+# --------------------------------------------------------------------------- decode
+
+DECODE_CLASSES = (GROWS, CONSTANT, UNFITTED)
+
+
+def _decode_groups(da: DecodeAnalysis, col: str) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """Per state class with ok points in ``col``: (class, its configurations, their ok points), in class order."""
+    ok = da.points[da.points["status"].eq(Status.OK) & (da.points[col] > 0)]
+    groups = []
+    for cls in DECODE_CLASSES:
+        cfg = da.configs[da.configs["state_class"].eq(cls)]
+        pts = ok[ok["config"].isin(cfg["config"])]
+        if len(pts):
+            groups.append((cls, cfg[cfg["config"].isin(pts["config"])], pts))
+    return groups
+
+
+def _decode_setting_title(da: DecodeAnalysis) -> str:
+    settings = da.settings
+    steps = da.steps
+    text = settings[0] if len(settings) == 1 else "several settings (see summary.md)"
+    return text + (f", {steps[0]} steps" if len(steps) == 1 else "")
+
+
+def _wrap_names(labels: list[str], width: int = 48) -> str:
+    """Labels joined by commas, broken onto lines of about ``width`` characters."""
+    lines, line = [], ""
+    for lab in labels:
+        piece = lab if not line else f", {lab}"
+        if line and len(line) + len(piece) > width:
+            lines.append(line + ",")
+            line = lab
+        else:
+            line += piece
+    return "\n".join(lines + [line])
+
+
+def _affine_text(fit) -> str:
+    if fit is None:
+        return "no affine fit"
+    if fit.constant:
+        return fmt_bytes(fit.intercept)
+    return f"{fmt_bytes(fit.intercept)} + {fmt_bytes(fit.per_n)}·N"
+
+
+def decode_state_figure(da: DecodeAnalysis) -> PlotResult | None:
+    """State bytes vs context N (log-log), one panel per state class; configurations with the same state at every
+    N share a line labelled with all their names, the log-log slope and the affine fit; dotted: the affine fit from
+    the largest measured N out to 1M, hollow markers at the N of the state table. None without state readings."""
+    groups = _decode_groups(da, "state")
+    if not groups:
+        return None
+    entries = max(len(cfg) for _, cfg, _ in groups)  # legend lines below the tallest panel: about two per entry
+    fig, axes = new_figure(width=6.6 * len(groups), height=4.4 + 0.36 * entries, ncols=len(groups),
+                           layout="constrained")
+    result = PlotResult(FIGURE_NAMES["decode_state"], fig)
+    style = styles(da.configs)
+    far = max(STATE_AT_N)
+    for ax, (cls, cfg, pts) in zip(axes[0], groups):
+        set_scales(ax, "memory")
+        series: dict[tuple, list] = {}
+        for c in cfg.itertuples(index=False):
+            mine = pts[pts["config"].eq(c.config)].sort_values("n")
+            key = tuple(zip(mine["n"].astype(int), mine["state"].round(3)))
+            series.setdefault(key, []).append(c)
+        for members in sorted(series.values(), key=lambda m: -float(pts.loc[pts["config"].eq(m[0].config),
+                                                                             "state"].max())):
+            first = members[0]
+            mine = pts[pts["config"].eq(first.config)].sort_values("n")
+            s = style[first.config]
+            fit, affine = da.fits.get((first.config, "state")), da.affine.get(first.config)
+            label = f"{_wrap_names([m.label for m in members])}\n(∝ {fmt_slope(fit)}; {_affine_text(affine)})"
+            (line,) = ax.plot(mine["n"].astype(float), mine["state"], color=s["color"], marker=s["marker"],
+                              linestyle="-", linewidth=1.8, markersize=6, label=label, gid=f"state:{first.label}")
+            for m in members:
+                result.lines[m.label] = line
+            if affine is not None and affine.n_max < far:
+                ns = np.geomspace(affine.n_max, far, 40)
+                ax.plot(ns, [affine.predict(n) for n in ns], color=s["color"], linestyle=":", linewidth=1.2,
+                        alpha=0.8, label="_nolegend_", gid=f"extrapolated:{first.label}")
+                at = [n for n in STATE_AT_N if n > affine.n_max]
+                ax.plot(at, [affine.predict(n) for n in at], color=s["color"], linestyle="none", marker="o",
+                        markerfacecolor="white", markersize=5, label="_nolegend_")
+            for m in members:
+                failed = da.points[da.points["config"].eq(m.config)].rename(
+                    columns={"predicted_bytes": "_p", "predicted_state_bytes": "predicted_bytes"})
+                result.markers += _draw_failures(ax, failed, m.label, style[m.config], "memory", None)
+        if cls == CONSTANT:  # flat lines: leave room above and below
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo / 2, hi * 2)
+        format_ticks(ax, "memory")
+        ax.set_xlabel("context length N (k = 1024, M = 1024²)")
+        ax.set_title(CLASS_TITLES[cls], fontsize="medium")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small", frameon=False)
+    sources = sorted({s for text in da.configs["state_source"] for s in text.split("+") if s}) or ["state_bytes"]
+    axes[0, 0].set_ylabel("KV cache / state after the context\n"
+                          + "; ".join(f"{STATE_SOURCES[s]} ({s})" for s in sources))
+    fig.suptitle(f"Decode: cache / state bytes vs context N (log-log) — {_decode_setting_title(da)}\n"
+                 "dotted: the affine fit a + b·N extrapolated to N = 1M (hollow: the N of the summary's state table)",
+                 fontsize="medium")
+    return result
+
+
+def _iqr_bars(mine: pd.DataFrame) -> np.ndarray:
+    """Error bars of median ± IQR/2, the lower one kept above zero for the log axis."""
+    half = (mine["time_iqr_ms"].fillna(0) / 2).to_numpy(dtype=float)
+    median = mine["time_ms"].to_numpy(dtype=float)
+    return np.vstack([np.minimum(half, 0.9 * median), half])
+
+
+def decode_time_figure(da: DecodeAnalysis) -> PlotResult | None:
+    """Per state class (rows): time per token vs N (log-log, IQR bars, fitted slope in the legend) and read GB/s
+    vs N against the device's measured copy bandwidth (horizontal line; said in the panel when the sidecar has
+    none). None without timings."""
+    groups = _decode_groups(da, "time_ms")
+    if not groups:
+        return None
+    fig, axes = new_figure(width=16.0, height=4.6 * len(groups) + 0.6, nrows=len(groups), ncols=2,
+                           layout="constrained")
+    result = PlotResult(FIGURE_NAMES["decode_time"], fig)
+    style = styles(da.configs)
+    copies = copy_lines(da.copy)
+    copy_styles = ["--", "-."]
+    for (ax_t, ax_r), (cls, cfg, pts) in zip(axes, groups):
+        set_scales(ax_t, "time")
+        ax_r.set_xscale("log", base=2)
+        ax_r.set_yscale("log", base=10)
+        for c in cfg.itertuples(index=False):
+            mine = pts[pts["config"].eq(c.config)].sort_values("n")
+            s = style[c.config]
+            fit = da.fits.get((c.config, "time"))
+            bars = ax_t.errorbar(mine["n"].astype(float), mine["time_ms"], yerr=_iqr_bars(mine), color=s["color"],
+                                 marker=s["marker"], linestyle=s["linestyle"], linewidth=1.5, markersize=5,
+                                 capsize=2.5, elinewidth=0.9, label=f"{c.label} (time ∝ {fmt_slope(fit)})")
+            bars.lines[0].set_gid(f"time:{c.label}")
+            result.lines[f"time:{c.label}"] = bars.lines[0]
+            mine_all = da.points[da.points["config"].eq(c.config)]
+            result.markers += _draw_failures(ax_t, mine_all, c.label, s, "time", None)
+            read = mine[mine["read_gbps"] > 0]
+            if len(read):
+                (line,) = ax_r.plot(read["n"].astype(float), read["read_gbps"], color=s["color"], marker=s["marker"],
+                                    linestyle=s["linestyle"], linewidth=1.5, markersize=5, label="_nolegend_",
+                                    gid=f"read:{c.label}")
+                result.lines[f"read:{c.label}"] = line
+        for i, r in enumerate(copies.itertuples(index=False)):
+            runs = f", median of {r.runs} runs" if r.runs > 1 else ""
+            line = ax_r.axhline(r.copy_gbps, color="0.15", linestyle=copy_styles[i % 2], linewidth=1.6, zorder=1,
+                                label=f"copy bandwidth (measured): {r.copy_gbps:,.2f} GB/s on {r.copy_device}{runs}",
+                                gid=f"copy:{r.copy_device}")
+            result.lines[f"copy:{r.copy_device}"] = line
+        if copies.empty:
+            ax_r.text(0.5, 0.97, "no copy bandwidth (copy_gbps) in the sidecar:\nno device reference line drawn",
+                      transform=ax_r.transAxes, ha="center", va="top", color="firebrick", fontsize="medium",
+                      bbox=dict(boxstyle="round", facecolor="white", edgecolor="firebrick"), gid="no-copy-bandwidth")
+        format_ticks(ax_t, "time")
+        format_ticks(ax_r, "time")
+        ax_r.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax_t.set_ylabel("time per token (ms)\nmedian over the steps, bars ± IQR/2")
+        ax_r.set_ylabel("read GB/s (10⁹ B/s)")
+        ax_t.set_title(f"{CLASS_TITLES[cls]}: time per token", fontsize="medium")
+        ax_r.set_title(f"{CLASS_TITLES[cls]}: bytes one step reads / its time", fontsize="medium")
+        for ax in (ax_t, ax_r):
+            ax.set_xlabel("context length N (k = 1024)")
+        handles, labels = ax_t.get_legend_handles_labels()
+        extra, extra_labels = ax_r.get_legend_handles_labels()
+        ax_r.legend(handles + extra, labels + extra_labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                    borderaxespad=0.0, fontsize="small" if len(handles) <= 10 else "x-small", frameon=False)
+    fig.suptitle(f"Decode: time per token and read bandwidth vs context N (log-log) — {_decode_setting_title(da)}\n"
+                 "a step cannot read its state faster than the device copies memory (dashed line)", fontsize="medium")
+    return result

@@ -1,5 +1,6 @@
 """Numbers from log-log fits: the fit itself, slopes per configuration, crossover N* against a baseline,
-and the largest N under a memory budget.
+and the largest N under a memory budget; and the affine fit of a decode state (bytes = a + b·N) with its
+largest N under a budget.
 
 A *fit* is least squares of log y on log N over the ok points: y ≈ exp(a)·N^b, with the standard
 error of b from ``numpy.polyfit``'s covariance when there are at least 3 points (with 2 points the
@@ -234,9 +235,69 @@ def _budget_n(fit: Fit | None, budget_bytes: int) -> tuple[Any, str]:
     x = (math.log(budget_bytes) - fit.intercept) / fit.slope
     if x > 700:
         return pd.NA, "beyond any practical N"
-    value = math.exp(x)
+    n = whole_n(math.exp(x))
+    if n < 1:
+        return 0, "even N = 1 does not fit"
+    return n, f"N ≤ {n:,}"
+
+
+def whole_n(value: float) -> int:
+    """``value`` rounded down to a whole N, but not one below by float noise (3.9999999999999 -> 4)."""
     nearest = round(value)
-    n = nearest if abs(value - nearest) <= 1e-11 * value else math.floor(value)  # round down, but not float noise
+    return nearest if abs(value - nearest) <= 1e-11 * abs(value) else math.floor(value)
+
+
+# --------------------------------------------------------------------------- affine state (decode)
+
+CONSTANT_REL = 1e-6  # a state whose fitted growth over the measured N is below this fraction of its size is constant
+
+
+@dataclass(frozen=True)
+class AffineFit:
+    """bytes = intercept + per_n·N, by least squares (``numpy.polyfit``, degree 1) over ``points`` points in
+    [n_min, n_max]. ``constant``: the state does not grow with N (all values equal, or the fitted growth over
+    the measured range below ``CONSTANT_REL`` of the state); then ``per_n`` is 0 and ``intercept`` the mean."""
+
+    intercept: float
+    per_n: float
+    points: int
+    n_min: int
+    n_max: int
+    constant: bool
+
+    def predict(self, n: float) -> float:
+        """The fitted bytes at ``n``."""
+        return self.intercept + self.per_n * n
+
+
+def fit_affine(n: Iterable[float], y: Iterable[float]) -> AffineFit | None:
+    """The affine fit y ≈ a + b·N over the finite pairs with y ≥ 0; None with fewer than 2 distinct n."""
+    ns = pd.to_numeric(pd.Series(list(n), dtype=object), errors="coerce").astype(float).to_numpy()
+    ys = pd.to_numeric(pd.Series(list(y), dtype=object), errors="coerce").astype(float).to_numpy()
+    keep = np.isfinite(ns) & np.isfinite(ys) & (ns > 0) & (ys >= 0)
+    ns, ys = ns[keep], ys[keep]
+    if len(np.unique(ns)) < 2:
+        return None
+    per_n, intercept = (float(c) for c in np.polyfit(ns, ys, 1))
+    mean = float(ys.mean())
+    constant = bool(np.all(ys == ys[0])) or abs(per_n) * float(ns.max()) <= CONSTANT_REL * max(abs(mean), 1.0)
+    if constant:
+        per_n, intercept = 0.0, mean
+    return AffineFit(intercept=intercept, per_n=per_n, points=len(ns), n_min=int(ns.min()), n_max=int(ns.max()),
+                     constant=constant)
+
+
+def affine_budget_n(fit: AffineFit | None, budget_bytes: int) -> tuple[Any, str]:
+    """The largest whole N whose fitted state a + b·N is within the budget: ``(N, "N ≤ …")``; ``(pd.NA,
+    "unbounded …")`` for a state that does not grow (and fits); ``(0, …)`` when not even N = 1 fits;
+    ``(pd.NA, "no state trend …")`` without a fit."""
+    if fit is None:
+        return pd.NA, "no state trend (fewer than 2 N)"
+    if fit.constant or fit.per_n <= 0:
+        if fit.intercept > budget_bytes:
+            return 0, "the state alone exceeds the budget at every N"
+        return pd.NA, "unbounded (the state does not grow with N)"
+    n = whole_n((budget_bytes - fit.intercept) / fit.per_n)
     if n < 1:
         return 0, "even N = 1 does not fit"
     return n, f"N ≤ {n:,}"

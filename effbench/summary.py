@@ -1,6 +1,7 @@
 """What a results file says, for people: display tables (strings), highlight lines, notes and summary.md.
 
-Everything here formats an :class:`effbench.analysis.Analysis`; it computes no fit, crossover or
+Everything here formats an :class:`effbench.analysis.Analysis` (the prefill rows) and an
+:class:`effbench.decode_analysis.DecodeAnalysis` (the decode rows); it computes no fit, crossover or
 budget itself. Position encodings have their own tables and are absent from the attention ones.
 """
 
@@ -15,7 +16,8 @@ from typing import Any
 import pandas as pd
 
 from .analysis import MEMORY_SOURCES, Analysis
-from .fits import BASELINES, FAILED_STATUSES, METRICS, Fit, verdict
+from .decode_analysis import CLASS_TITLES, STATE_AT_N, STATE_SOURCES, DecodeAnalysis, DecodeComparison, copy_lines
+from .fits import BASELINES, FAILED_STATUSES, METRICS, AffineFit, Fit, verdict
 from .positions import Positions
 from .status import Status
 from .units import NOISY_IQR, fmt_bytes, fmt_ms, is_noisy
@@ -30,7 +32,7 @@ def fmt_slope(fit: Fit | None) -> str:
     """``N^1.02±0.01`` (no ± with 2 points), or a dash without a fit."""
     if fit is None:
         return "—"
-    text = f"N^{fit.slope:.2f}"
+    text = f"N^{fit.slope:.2f}".replace("N^-0.00", "N^0.00")  # a flat fit's float noise is no sign
     return text + (f"±{fit.slope_se:.2f}" if math.isfinite(fit.slope_se) else "")
 
 
@@ -261,7 +263,7 @@ def md_table(df: pd.DataFrame) -> str:
 
     def numeric(col) -> bool:
         vals = [str(v) for v in df[col] if str(v) not in ("", "—")]
-        return bool(vals) and all(re.match(r"^[\d,.\s]+(ms|[KMGT]i?B|B|×)?( ± [\d,.]+)?$", v) for v in vals)
+        return bool(vals) and all(re.match(r"^[\d,.\s]+(ms|[KMGT]i?B|B|×|%)?( ± [\d,.]+)?( †)?$", v) for v in vals)
 
     align = ["---:" if numeric(c) else "---" for c in df.columns]
     lines = ["| " + " | ".join(esc(c) for c in df.columns) + " |", "| " + " | ".join(align) + " |"]
@@ -336,15 +338,232 @@ def _md_figures(files: list[Path], out_dir: Path) -> list[str]:
     return lines + [""]
 
 
-def markdown(an: Analysis, s: Summary, csv_path: Path, files: list[Path], out_dir: Path,
-             budget_bytes: int | None, notes: list[str]) -> str:
-    """summary.md: textbook tables, slopes, crossovers, budget, position encodings, highlights, notes,
-    figures and the full table."""
-    lines = _md_header(an, csv_path) + _md_attention(s, budget_bytes) + _md_positions(an, s)
-    if s.highlights:
-        lines += ["## Highlights", ""] + [f"- {h}" for h in s.highlights] + [""]
+def markdown(an: Analysis | None, s: Summary | None, csv_path: Path, files: list[Path], out_dir: Path,
+             budget_bytes: int | None, notes: list[str], decode: DecodeAnalysis | None = None,
+             d: DecodeSummary | None = None, decode_rows: int = 0) -> str:
+    """summary.md: textbook tables, slopes, crossovers, budget, position encodings (prefill rows), the decode
+    section (decode rows), highlights, notes, figures and the full tables. ``decode_rows``: how many decode rows
+    the file has (said in the header of a file with prefill rows too)."""
+    lines = []
+    if an is not None and s is not None:
+        lines += _md_header(an, csv_path)
+        if decode_rows:
+            lines += ["", f"The file also has {decode_rows} decode row(s) (`phase = decode`): they are in the "
+                          "*Decode* section and nowhere else; every prefill table and figure uses prefill rows only."]
+        lines += _md_attention(s, budget_bytes) + _md_positions(an, s)
+    elif decode is not None:
+        counts = decode.rows["status"].value_counts()
+        lines += [f"# effbench summary: {csv_path.name}", "",
+                  f"Source: `{csv_path}`: {len(decode.rows)} decode rows, {len(decode.configs)} configurations; "
+                  "statuses: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ". No prefill rows with status "
+                  "ok: only the decode section. Bytes in binary units (MiB = 2^20 B)."]
+    if decode is not None and d is not None:
+        lines += _md_decode(decode, d, budget_bytes)
+    highlights = (s.highlights if s is not None else []) + (d.highlights if d is not None else [])
+    if highlights:
+        lines += ["## Highlights", ""] + [f"- {h}" for h in highlights] + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += _md_figures(files, out_dir)
-    lines += ["## All configurations", "", md_table(s.full)]
+    if s is not None:
+        lines += ["## All configurations", "", md_table(s.full)]
+    if d is not None:
+        lines += ["## Decode: all configurations", "", md_table(d.full)]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- decode
+
+def fmt_affine(fit: AffineFit | None) -> str:
+    """``48.0 KiB + 4.0 KiB·N``, ``1.0 MiB`` for a constant state, a dash without a fit."""
+    if fit is None:
+        return "—"
+    return fmt_bytes(fit.intercept) if fit.constant else f"{fmt_bytes(fit.intercept)} + {fmt_bytes(fit.per_n)}·N"
+
+
+def fmt_gbps(value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    return "—" if not math.isfinite(value) else f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def _one_or_column(cfg: pd.DataFrame) -> str | None:
+    """The single ``decode_setting`` of ``cfg`` (None when there are several: the tables get a column)."""
+    settings = list(dict.fromkeys(cfg["decode_setting"]))
+    return settings[0] if len(settings) == 1 else None
+
+
+def _with_setting(df: pd.DataFrame, cfg: pd.DataFrame, single: str | None) -> pd.DataFrame:
+    if single is None:
+        df.insert(1, "B H kv_heads D dtype", cfg["decode_setting"].str.replace(r" \S+$", "", regex=True).to_list())
+    return df
+
+
+def _fitted(da: DecodeAnalysis) -> pd.DataFrame:
+    """The configurations with an affine state fit, in the file's order."""
+    return da.configs[da.configs["config"].isin(da.affine)].reset_index(drop=True)
+
+
+def decode_state_display(da: DecodeAnalysis) -> tuple[pd.DataFrame, str, str]:
+    """Cache / state bytes per configuration at N = 4K, 32K, 128K, 1M from the affine fit (``†`` where N lies
+    outside the measured range), with the table's caption (the B, H, kv_heads, D and dtype it holds for) and its
+    footnote."""
+    cfg = _fitted(da)
+    at = da.state_at.set_index(["config", "n"])
+    data: dict[str, list[str]] = {"configuration": cfg["label"].to_list(),
+                                  "state = a + b·N": [fmt_affine(da.affine[c]) for c in cfg["config"]],
+                                  "∝ (log-log)": [fmt_slope(da.fits.get((c, "state"))) for c in cfg["config"]]}
+    for n in STATE_AT_N:
+        data[f"N={fmt_n(n)}"] = [fmt_bytes(at.at[(c, n), "state_bytes"])
+                                 + (" †" if at.at[(c, n), "extrapolated"] else "") for c in cfg["config"]]
+    single = _one_or_column(cfg)
+    df = _with_setting(pd.DataFrame(data), cfg, single)
+    ranges = {(f.n_min, f.n_max) for f in da.affine.values()}
+    span = (f"N {fmt_n(next(iter(ranges))[0])}–{fmt_n(next(iter(ranges))[1])}" if len(ranges) == 1
+            else "N of that configuration (decode_fits.csv)")
+    footnote = (f"† extrapolated: outside the measured {span}; the value is the affine fit a + b·N of the ok rows "
+                "(the state is affine in N for every mechanism).")
+    return df, _state_caption(da, single), footnote
+
+
+def _state_caption(da: DecodeAnalysis, single: str | None) -> str:
+    sources = sorted({x for text in da.configs["state_source"] for x in text.split("+") if x}) or ["state_bytes"]
+    steps = da.steps
+    room = f"N + {steps[0]} + 4" if len(steps) == 1 else "N + decode_steps + 4"
+    where = f"for {single}" if single is not None else "per configuration (column B H kv_heads D dtype)"
+    return (f"State bytes {where}; the cache holds {room} positions; "
+            + "; ".join(f"{STATE_SOURCES[x]} (`{x}`)" for x in sources) + ".")
+
+
+def decode_budget_display(da: DecodeAnalysis) -> pd.DataFrame | None:
+    """Largest context N whose state fits the budget, per configuration: the N (``unbounded`` for a constant
+    state), the affine fit it comes from and how it was obtained."""
+    if da.budget is None:
+        return None
+    b = da.budget[da.budget["points"] > 0].reset_index(drop=True)
+    cfg = da.configs.set_index("config").loc[b["config"]].reset_index()
+
+    def largest(r: pd.Series) -> str:
+        if r["unbounded"]:
+            return "unbounded"
+        return fmt_n(r["n_max"]) if pd.notna(r["n_max"]) else "—"
+
+    def how(r: pd.Series) -> str:
+        span = f"{fmt_n(r['fit_n_min'])}–{fmt_n(r['fit_n_max'])}"
+        if r["unbounded"]:
+            return f"constant state (measured N {span}, {r['points']} points)"
+        if pd.isna(r["n_max"]) or r["n_max"] == 0:
+            return r["verdict"]
+        where = f"extrapolated from N {span}" if r["extrapolated"] else f"within measured N {span}"
+        return f"(budget − a)/b, {where} ({r['points']} points)"
+
+    df = pd.DataFrame({"configuration": b["label"],
+                       "state = a + b·N": [fmt_affine(da.affine.get(c)) for c in b["config"]],
+                       "largest N": [largest(r) for _, r in b.iterrows()],
+                       "how": [how(r) for _, r in b.iterrows()]})
+    return _with_setting(df, cfg, _one_or_column(cfg))
+
+
+def decode_slopes_display(da: DecodeAnalysis) -> pd.DataFrame:
+    """One row per configuration that decoded: its state class and log-log slopes of state and time per token,
+    and at its largest ok N the time per token, read GB/s and that as a share of the copy bandwidth."""
+    ok = da.points[da.points["status"].eq(Status.OK)]
+    copy = copy_lines(da.copy).set_index("copy_device")["copy_gbps"]
+    rows = []
+    for c in da.configs[da.configs["n_ok_points"] > 0].itertuples(index=False):
+        mine = ok[ok["config"].eq(c.config)].sort_values("n")
+        last = mine.iloc[-1]
+        bw = copy.get(c.device, math.nan)
+        share = f"{100 * last['read_gbps'] / bw:,.0f}%" if bw > 0 and last["read_gbps"] > 0 else "—"
+        rows.append({"configuration": c.label, "ok N": int(c.n_ok_points), "state": CLASS_TITLES[c.state_class],
+                     "state ∝": fmt_slope(da.fits.get((c.config, "state"))),
+                     "time/token ∝": fmt_slope(da.fits.get((c.config, "time"))), "at N": fmt_n(last["n"]),
+                     "time/token (ms)": fmt_ms(last["time_ms"], last["time_iqr_ms"]),
+                     "read GB/s": fmt_gbps(last["read_gbps"]), "of copy bandwidth": share})
+    return pd.DataFrame(rows)
+
+
+def decode_full_table(da: DecodeAnalysis) -> pd.DataFrame:
+    """Every decode configuration at every N (display strings)."""
+    merged = da.points.merge(da.configs[["config", "label", "decode_setting", "order"]], on="config").sort_values(
+        ["order", "n"])
+    ok = merged["status"].eq(Status.OK)
+    return pd.DataFrame({
+        "configuration": merged["label"], "setting": merged["decode_setting"], "N": merged["n"].map(fmt_n),
+        "status": merged["status"],
+        "state": [fmt_bytes(v) if k else "" for v, k in zip(merged["state"], ok)],
+        "time/token (ms, median ± IQR)": [fmt_ms(t, i) if k else "" for t, i, k in
+                                          zip(merged["time_ms"], merged["time_iqr_ms"], ok)],
+        "read GB/s": [fmt_gbps(v) if k else "" for v, k in zip(merged["read_gbps"], ok)],
+        "step peak (above the state)": [fmt_bytes(v) if k else "" for v, k in zip(merged["memory_bytes"], ok)],
+        "note": [(str(e)[:80] if not k and isinstance(e, str) else "") for e, k in zip(merged["error"], ok)],
+    }).reset_index(drop=True)
+
+
+def decode_highlight_lines(c: DecodeComparison | None) -> list[str]:
+    """"at N=8,192 local decodes a token in 0.41 ms, dense in 2.10 ms (5.1× faster), holding 32.0× less state"."""
+    if c is None or not c.time_ratio > 0:
+        return []
+    r = c.time_ratio
+    speed = f"{r:.1f}× faster" if r >= 1 else f"{1 / r:.1f}× slower"
+    state = ""
+    if c.state_ratio > 0:
+        state = (f", holding {c.state_ratio:.1f}× less state" if c.state_ratio >= 1
+                 else f", holding {1 / c.state_ratio:.1f}× more state")
+    return [f"at N={fmt_n(c.n)} {c.label} decodes a token in {fmt_ms(c.time_ms)} ms, {c.baseline} in "
+            f"{fmt_ms(c.baseline_time_ms)} ms ({speed}){state}"]
+
+
+@dataclass
+class DecodeSummary:
+    """The display tables of one decode analysis."""
+
+    state_at: pd.DataFrame  # configuration × N = 4K, 32K, 128K, 1M
+    state_caption: str
+    state_footnote: str
+    budget: pd.DataFrame | None
+    slopes: pd.DataFrame
+    full: pd.DataFrame
+    highlights: list[str] = field(default_factory=list)
+
+
+def summarise_decode(da: DecodeAnalysis) -> DecodeSummary:
+    state, caption, footnote = decode_state_display(da)
+    return DecodeSummary(state_at=state, state_caption=caption, state_footnote=footnote,
+                         budget=decode_budget_display(da), slopes=decode_slopes_display(da),
+                         full=decode_full_table(da), highlights=decode_highlight_lines(da.comparison))
+
+
+def copy_text(da: DecodeAnalysis) -> str:
+    """The copy bandwidth the decode rows are read against, in a sentence (or why there is none)."""
+    lines = copy_lines(da.copy)
+    if lines.empty:
+        return f"No copy bandwidth: {da.copy_note}." if da.copy_note else "No copy bandwidth."
+    parts = [f"{r.copy_gbps:,.2f} GB/s on {r.copy_device}" + (f" (median of {r.runs} runs)" if r.runs > 1 else "")
+             + (f" ({r.copy_method})" if r.copy_method else "") for r in lines.itertuples(index=False)]
+    return "Copy bandwidth (measured, from the sidecar): " + "; ".join(parts) + "."
+
+
+def _md_decode(da: DecodeAnalysis, d: DecodeSummary, budget_bytes: int | None) -> list[str]:
+    """The decode section: what the numbers are, the state at long contexts, the budget and the slopes."""
+    ok = da.rows["status"].eq(Status.OK)
+    lines = ["", "## Decode: one token at a time after a context of N", "",
+             f"{len(da.rows)} decode rows ({int(ok.sum())} ok), {int((da.configs['n_ok_points'] > 0).sum())} "
+             "configurations that decoded (figures `decode_state_vs_n`, `decode_time_vs_n`; numbers in "
+             "`decode_fits.csv`). State: the KV cache or recurrent state after the context, as the storage tracker "
+             "measured it. Time: median per token over the steps (± IQR). Read GB/s: the bytes one step reads from "
+             "its state over its median time (GB = 10⁹ B); a step cannot read faster than the device copies memory.",
+             "", copy_text(da), "",
+             "### Cache / state bytes at long contexts", "", d.state_caption, "", md_table(d.state_at),
+             d.state_footnote, ""]
+    if d.budget is not None and budget_bytes:
+        lines += [f"### Largest context that fits in {fmt_bytes(budget_bytes)}", "",
+                  "State bytes only (the KV cache or recurrent state, not the weights or one step's own peak), from "
+                  "the affine fit state = a + b·N of the ok rows: N = ⌊(budget − a) / b⌋, rounded down; "
+                  f"*unbounded* where the state does not grow with N. {d.state_caption}", "", md_table(d.budget)]
+    lines += ["### Decode slopes and time per token", "",
+              "Log-log slopes over the ok points (± standard error with ≥ 3 points); time, read GB/s and the share "
+              "of the copy bandwidth at each configuration's largest ok N.", "", md_table(d.slopes)]
+    return lines
