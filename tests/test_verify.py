@@ -110,7 +110,8 @@ def test_exact_mechanisms_pass_with_all_rows():
     for name in ("dense", "sdpa"):
         rows = [r for r in report.rows if r.mechanism == name]
         checks = {(r.check, r.causal) for r in rows}
-        assert checks == {(c, m) for c in ("impl-output", "impl-grad", "fidelity") for m in (False, True)}
+        assert checks == {(c, m) for c in ("impl-output", "impl-grad", "fidelity") for m in (False, True)} | {("decode", True)}
+        assert len([r for r in rows if r.check == "decode"]) == 3  # kv_heads 4, 2 and 1
         for r in rows:
             assert r.passed is True and r.max_abs_err < 1e-5
     assert summary_line(report).startswith("all 2 mechanism(s) pass")
@@ -218,8 +219,10 @@ def test_unsupported_case_is_skipped_with_reason(monkeypatch):
     temporary(monkeypatch, Bidir, name="t-bidir", family="exact", complexity="O(N²)")
     report = run_verify(["t-bidir"], 64, "cpu", "float32", 0, None)
     assert report.passed
-    skipped = [r for r in report.rows if r.causal is True]
+    skipped = [r for r in report.rows if r.causal is True and r.check != "decode"]
     assert len(skipped) == 1 and skipped[0].passed is None and "planted: no causal form" in skipped[0].detail
+    decode = [r for r in report.rows if r.check == "decode"]
+    assert len(decode) == 1 and decode[0].applicable is False and decode[0].reason == "it declares no decode form"
     assert "skip" in rendered(report)
 
 
@@ -366,7 +369,7 @@ def test_csv_schema_and_progress(tmp_path):
             "tolerance", "passed", "detail")
         rows = list(reader)
     assert len(rows) == len(report.rows)
-    assert {r["check"] for r in rows} == {"impl-output", "impl-grad", "fidelity"}
+    assert {r["check"] for r in rows} == {"impl-output", "impl-grad", "fidelity", "decode"}
     assert all(r["passed"] == "True" and r["n"] == "64" and not math.isnan(float(r["max_abs_err"])) for r in rows)
     assert {r["result"] for r in rows} == {"pass"} and {r["mode"] for r in rows} == {"causal", "bidirectional"}
     back = verify.read_csv(path)
