@@ -171,10 +171,14 @@ class CompressiveAttention(SegmentRecurrence):
         w = self._window(s)
         t = torch.div(pos - w, c, rounding_mode="floor")  # (n,) slot of each source position
         take = (pos >= 0) & (pos < below) & (t >= 0) & (t < Mc) & (w + t * c >= 0)  # (n,)
-        idx = take.nonzero().squeeze(1)  # (m,)
-        if idx.numel():
-            dk.index_add_(2, t[idx], k[:, :, idx])  # (B, Hkv, m, D) into (B, Hkv, Mc, D)
-            dv.index_add_(2, t[idx], v[:, :, idx])
+        if Mc == 0:
+            return
+        # every source position is added, the ones not taken as zeros: no data-dependent shape (nonzero), so the
+        # same code runs on fake tensors (effbench estimate) and the work per step stays fixed
+        slot = torch.where(take, t, torch.zeros_like(t))  # (n,)
+        keep = take[:, None]  # (n, 1)
+        dk.index_add_(2, slot, torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device)))  # (B, Hkv, n, D)
+        dv.index_add_(2, slot, torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device)))
 
     def decode_init(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> CompressiveState:
         B, Hkv, N0, D = k.shape

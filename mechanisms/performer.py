@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._decode import grouped
-from ._prefix import block_rows, causal_attention, kernel_flops, ones_column, read_state, tracks_grad
+from ._prefix import block_rows, normalise, ones_column, read_state, tracks_grad
 from .base import KV_HEADS, Fidelity, Knob, causal_mask, ratio_per_4x, register, repeat_kv
 
 FEATURE_EPS = 1e-4  # added to every feature after the exponential (performer-pytorch's default)
@@ -64,30 +65,57 @@ class PerformerAttention(nn.Module):
 
     φ(x) = (exp(ω x' − |x'|²/2 − c) + 1e-4)/√m with x' = x·D^-¼, so that φ(q')ᵀφ(k') estimates
     exp(q·k/√D) up to the stabilisers; ω (m×D) is stacked orthogonal blocks from the QR of
-    Gaussian matrices, rows rescaled by χ_D norms; m = `features`. The stabiliser c, as in
-    performer-pytorch (detached, a constant for autograd): for a query the max over its own m
-    projections ω q'; for keys one max over all positions and features of the (batch, head).
-    Then out_i = φ(q_i)ᵀ S / φ(q_i)ᵀ z with S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j) over all j
-    (bidirectional) or j <= i (causal, by chunks: masked C×C block inside, carried m×(D+1)
-    state across). The 1/√m factor cancels between numerator and denominator and is left
-    out of the forward. Features are drawn in __init__ from `seed` (each call with redraw=True).
+    Gaussian matrices, rows rescaled by χ_D norms; m = `features`. The stabilisers c are detached
+    (constants for autograd). A query's c is the max over its own m projections ω q' (as in
+    performer-pytorch). A key's c:
 
-    Causal caveat (shared with performer-pytorch): the key stabiliser c is a max over the whole
-    sequence, so a later key can change an output only through c, i.e. through how much the
-    1e-4 floor weighs against exp(ω k' − |k'|²/2 − c); it never enters the sums S, z of an
-    earlier query.
+    - bidirectional: one max M over all positions and features of the (batch, head), as in
+      performer-pytorch; out_i = φ(q_i)ᵀ S / φ(q_i)ᵀ z, S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j) over all j;
+    - causal: the prefix max M_i = max_{j<=i} max_r ω_r k'_j of row i, so row i weighs key j <= i by
+      φ(q_i)ᵀ φ_i(k_j), φ_i(k_j) = (exp(ω k'_j − |k'_j|²/2 − M_i) + 1e-4)/√m, and
+      out_i = Σ_{j<=i} φ(q_i)ᵀφ_i(k_j) v_j / Σ_{j<=i} φ(q_i)ᵀφ_i(k_j).
+
+    The 1/√m factor cancels between numerator and denominator and is left out of the forward.
+    Features are drawn in __init__ from `seed` (each call with redraw=True).
+
+    Why a prefix max (how this differs from performer-pytorch): because of the 1e-4 floor the key
+    stabiliser does not cancel, it sets how much the floor weighs against exp(ω k' − |k'|²/2).
+    performer-pytorch's causal path uses the bidirectional global key max, so a later key changes
+    earlier outputs through it (a causal leak), and no streaming decoder can reproduce it. M_i depends
+    on keys j <= i only: it is exactly the running max the decode form keeps.
+
+    Causal forward, by chunks of C positions (base 2: a_j = log2 e · ω k'_j, h_j = log2 e · |k'_j|²/2,
+    M_j the prefix max of a in base 2): φ_i(k_j)·√m = 2^(a_j − h_j − M_j)·2^(M_j − M_i) + eps, so
+
+    - each key gets g_j = 2^(a_j − h_j − M_j) once, with its own prefix max;
+    - inside a chunk: tril(φ(Q_c) G_cᵀ ⊙ 2^(M_j − M_i) + eps·Σ_r φ(q_i)_r) [V_c 1] (the C×C decay
+      2^(M_j − M_i) is masked to 0 above the diagonal before the exponential);
+    - across chunks: a carried exponential state P = Σ_{j<s} 2^(a_j − h_j − M_{s−1}) [v_j 1]ᵀ (m×(D+1)),
+      relative to the max before the chunk (start s), read as 2^(M_{s−1} − M_i)·φ(q_i)ᵀP, plus the floor
+      eps·Σ_r φ(q_i)_r·Σ_{j<s} [v_j 1] (as decode keeps it apart);
+    - chunk states U_c = Σ_{j∈c} g_j 2^(M_j − M̂_c) [v_j 1]ᵀ relative to the chunk's last max M̂_c; the
+      exclusive prefixes of a block's chunks are one product with the (nc+1)×nc lower-triangular
+      weights 2^(M̂_c − M̂_{c'−1}) (c < c'), and the state carried from earlier blocks is rescaled by
+      2^(M_old − M_new) (as an online softmax does).
+
+    No exponent is ever above 0: each is a projection minus a max that covers it (a_jr − h_j − M_j,
+    the query's own) or an earlier prefix max minus a later one. So nothing can overflow, however
+    large a key; every factor is <= 1, so a product underflows only where the direct weight
+    2^(a_j − h_j − M_i) would underflow too, and the floor keeps every denominator > 0.
 
     Cost: bidirectional 2·B·H·N·m·(2D + 2(D+1)) FLOPs (projections of q and k, then KᵀV and
-    Q(KᵀV); the key max is tracked online while the key state is summed); causal projects the
-    keys twice (once for their max) and adds 2·C·(m+D+1) per position for the C×C blocks.
-    Memory O(B·H·(N·D + m·D)), features made block by block; no N×N or N×m tensor for the
-    whole sequence.
+    Q(KᵀV); the key max is tracked online while the key state is summed). Causal: projections
+    2·B·H·N·m·2D (q and the repeated k, once each), per position 2·m·(D+1) (chunk state),
+    2·C·(m + D+1) (C×C block) and 2·m·(D+1) (read of the carried state), and per block of nc chunks
+    2·(nc+1)·nc·(m+1)·(D+1) for the prefix products of the exponential state and of Σ[v 1]; plus C
+    exponentials (the decay) and C comparisons (the prefix max) per position, not products.
+    Memory O(B·H·(N·D + m·D)), features made block by block; no N×N or N×m tensor for the whole sequence.
 
     Grouped-query (``kv_heads`` = Hkv < H): query head h uses kv head h // (H/Hkv). Bidirectional,
     φ(K) and the key state are made once per kv head (one key max per (batch, kv head), the same
     as per query head since the G = H/Hkv heads of a group share K) and read by its G query heads.
-    Causal, the key max is taken once per kv head, then K and V are repeated to H heads
-    (:func:`repeat_kv`, memory still linear in N) for the chunked form.
+    Causal, K and V are repeated to H heads (:func:`repeat_kv`, memory still linear in N) for the
+    chunked form; the prefix max depends on K only, so it is the same for the G heads of a group.
 
     Decode (causal): the recurrent state (:class:`FavorState`): the exponential part of
     S = Σ φ(k) vᵀ and z = Σ φ(k) (m×(D+1)), Σ [v 1] (D+1) for the 1e-4 floor and the running key max M,
@@ -96,14 +124,9 @@ class PerformerAttention(nn.Module):
     out = φ(q)ᵀ (sz + eps·1 vsumᵀ)[:, :D] / φ(q)ᵀ (sz + eps·1 vsumᵀ)[:, D], φ(q) with its own row max as in the
     forward. Per step 2·B·(H + Hkv)·m·D FLOPs of projections, 2·B·Hkv·m·(D+1) for the update and
     2·B·H·m·(D+1) for the read (plus B·Hkv·m·(D+1) when M grows), O(1) in N.
-    The decode stabiliser is M over the keys seen so far (the prefix j <= i), while the causal forward
-    and reference() use one max over all N keys of the sequence (performer-pytorch's choice, see the
-    caveat above), which a streaming decode cannot know. A step therefore equals the causal forward over
-    the prefix ending at its token, and equals the causal forward over the whole sequence at that row
-    exactly when no later key has a larger max projection a (else it differs through the weight of
-    the eps floor only). performer-pytorch has no decode form (its causal path is a prefix sum over the
-    whole sequence, stabilised by that global key max); fast-transformers' recurrent attention keeps the
-    same S, z per query head with no running stabiliser.
+    The running max after token i is the causal forward's prefix max M_i, so a step equals the causal
+    forward (and reference()) at its row, whatever the later keys. performer-pytorch has no decode form;
+    fast-transformers' recurrent attention keeps the same S, z per query head with no running stabiliser.
     """
 
     decode_form = ("recurrent state S = Σφ(k)vᵀ (m×D) and z = Σφ(k) (m), with Σ[v 1] for the eps floor and a "
@@ -143,11 +166,6 @@ class PerformerAttention(nn.Module):
         a = torch.matmul(x, w.T.to(x.dtype))  # (G, L, m); the causal form runs fp16/bf16 in float32
         return self._exp(a, self._half_sq_norm2(x) + a.detach().amax(dim=-1, keepdim=True))
 
-    def _key_features(self, x: torch.Tensor, w: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-        """exp(ω k' − |k'|²/2 − max over the (batch, head)) + eps, without 1/√m: (G, L, D) -> (G, L, m)."""
-        a = torch.matmul(x, w.T.to(x.dtype))  # (G, L, m)
-        return self._exp(a, self._half_sq_norm2(x) + kmax.to(x.dtype))
-
     @staticmethod
     def _exp(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """2^(a − shift) + eps, in place on the fresh block ``a`` (the last step out of place under
@@ -155,16 +173,94 @@ class PerformerAttention(nn.Module):
         f = a.sub_(shift).exp2_()  # (G, L, m)
         return f.add_(FEATURE_EPS) if not f.requires_grad else f + FEATURE_EPS
 
-    def _key_max(self, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """max of w k over positions and features per (batch, head), block by block: (G, N, D) -> (G, 1, 1)."""
-        g, n, _ = k.shape
-        rows = block_rows(n, g, self.features)
-        out = None
-        with torch.no_grad():  # a stabiliser, constant for autograd (as in performer-pytorch)
-            for s in range(0, n, rows):
-                part = torch.matmul(k[:, s:s + rows], w.T).amax(dim=(1, 2), keepdim=True)  # (G, 1, 1)
-                out = part if out is None else torch.maximum(out, part)
-        return out
+    def _prefix_key_features(self, x: torch.Tensor, w: torch.Tensor, run_max: torch.Tensor | None, chunk: int,
+                             below: torch.Tensor, lower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys with their own prefix max: (G, L, D) -> g = 2^(a − h − M_j) (G, L, m), no eps, and M_j
+        (G, nc·C, padded rows repeating the last M).
+
+        M_j = max of max_r a_tr over this block's rows t <= j and the max carried from earlier blocks
+        (``run_max`` (G, 1), None: none): a masked max inside each chunk (``lower`` (C, C), j <= i), then over
+        the earlier chunks (``below`` (nc+1, nc), c' < c), as torch.cummax is not one FlopCounterMode knows.
+        a_jr <= M_j and h_j >= 0, so every exponent is <= 0."""
+        g, length, _ = x.shape
+        nc = math.ceil(length / chunk)
+        a = torch.matmul(x, w.T)  # (G, L, m)
+        with torch.no_grad():  # a stabiliser, constant for autograd
+            top = F.pad(a.detach().amax(dim=-1), (0, nc * chunk - length), value=-math.inf)  # (G, nc·C)
+            top = top.view(g, nc, 1, chunk)  # (G, nc, 1, C)
+            within = torch.where(lower, top, -math.inf).amax(dim=-1)  # (G, nc, C): max over j <= i in the chunk
+            earlier = torch.where(below[:nc, :nc], within[:, None, :, -1], -math.inf).amax(dim=-1)  # (G, nc)
+            if run_max is not None:
+                earlier = torch.maximum(earlier, run_max)  # (G, nc), run_max (G, 1)
+            pmax = torch.maximum(within, earlier[..., None]).view(g, nc * chunk)  # (G, nc·C): M_j
+        return self._exp2(a, self._half_sq_norm2(x) + pmax[:, :length, None]), pmax  # (G, L, m), (G, nc·C)
+
+    @staticmethod
+    def _exp2(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """2^(a − shift), in place on the fresh block ``a`` (out of place under autograd)."""
+        return a.sub_(shift).exp2_() if not a.requires_grad else torch.exp2(a - shift)
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Causal FAVOR+ with the prefix-max key stabiliser, by chunks (the class docstring's scheme):
+        (G, N, D) each -> (G, N, D). fp16/bf16 run in float32 (as performer-pytorch's causal form does)."""
+        if q.dtype in LOW_PRECISION:
+            return self._causal(q.float(), k.float(), v.float(), w).to(q.dtype)
+        g, n, d = q.shape
+        m, c = self.features, self.chunk
+        w = w.to(q.dtype)  # (m, D)
+        rows = block_rows(n, g, max(m, c), c)
+        nc_max = rows // c
+        # below[c', c] = c < c': rows 0..nc-1 give each chunk's exclusive prefix, row nc the block's total
+        below = torch.ones(nc_max + 1, nc_max, dtype=torch.bool, device=q.device).tril_(-1)  # (nc+1, nc)
+        ones = below.to(q.dtype)  # (nc+1, nc)
+        lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()  # (C, C): j <= i in a chunk
+        above = ~lower  # (C, C): j > i
+        state = vstate = run_max = None  # (G, 1, m·(D+1)) relative to run_max, (G, 1, D+1), (G, 1)
+        grad = tracks_grad(q, k, v)
+        out = None if grad else q.new_empty(g, n, d)
+        parts = []
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            length = e - s
+            nc = math.ceil(length / c)
+            pad = nc * c - length
+            fq = self._query_features(q[:, s:e], w)  # (G, L, m), eps included
+            fk, pmax = self._prefix_key_features(k[:, s:e], w, run_max, c, below, lower)  # (G, L, m), (G, nc·C)
+            v1 = ones_column(v[:, s:e])  # (G, L, D+1)
+            if pad:  # zero features and values: padded keys add nothing, padded queries are dropped
+                fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
+            floor = fq.sum(dim=-1, keepdim=True) * FEATURE_EPS  # (G, nc·C, 1): eps·Σ_r φ(q_i)_r
+            pm = pmax.view(g, nc, c)  # (G, nc, C)
+            end = pm[..., -1]  # (G, nc): M̂_c, the max at each chunk's end
+            first = run_max if run_max is not None else end.new_full((g, 1), -math.inf)  # (G, 1)
+            start = torch.cat([first, end], dim=1)  # (G, nc+1): the max before chunk c' (row nc: the block's)
+            fkt = fk.view(g * nc, c, m).transpose(1, 2)  # (G·nc, m, C)
+            v1 = v1.view(g * nc, c, d + 1)  # (G·nc, C, D+1)
+            # chunk states relative to M̂_c: Σ_j g_j 2^(M_j − M̂_c) [v_j 1]ᵀ (the per-key weight goes on [v 1])
+            to_end = torch.exp2(pm - end[..., None]).view(g * nc, c, 1)  # (G·nc, C, 1), <= 1
+            chunk_states = torch.bmm(fkt, v1 * to_end).view(g, nc, m * (d + 1))  # (G, nc, m·(D+1))
+            # exclusive prefixes relative to start[c']: weights 2^(M̂_c − start[c']) for c < c', else 0
+            weights = torch.where(below[:nc + 1, :nc], end[:, None, :] - start[:, :, None],
+                                  -math.inf).exp2_()  # (G, nc+1, nc), <= 1
+            before = torch.matmul(weights, chunk_states)  # (G, nc+1, m·(D+1))
+            vbefore = torch.matmul(ones[:nc + 1, :nc], v1.view(g, nc, c, d + 1).sum(dim=2))  # (G, nc+1, D+1)
+            if state is not None:  # earlier blocks, rescaled from their max to start[c'] (online-softmax style)
+                before = before.addcmul_(state, torch.exp2(run_max - start)[..., None])  # (G, nc+1, m·(D+1))
+                vbefore = vbefore.add_(vstate)  # (G, nc+1, D+1)
+            state, vstate, run_max = before[:, nc:], vbefore[:, nc:], start[:, nc:]  # (G, 1, ·): the block's totals
+            # inside a chunk: (φ(q_i)·g_j) 2^(M_j − M_i) + eps·Σφ(q_i), j <= i
+            decay = (pm.view(g * nc, 1, c) - pm.view(g * nc, c, 1)).masked_fill_(above, -math.inf)  # (G·nc, C, C)
+            decay = decay.exp2_()  # (G·nc, C, C): 2^(M_j − M_i) <= 1 for j <= i, 0 above
+            fq = fq.view(g * nc, c, m)  # (G·nc, C, m)
+            floor = floor.view(g * nc, c, 1)  # (G·nc, C, 1)
+            scores = torch.addcmul(floor, torch.bmm(fq, fkt), decay).tril_()  # (G·nc, C, C)
+            # the carried state, from the max before the chunk to M_i: 2^(start_c − M_i) <= 1 (0 for the first)
+            to_row = torch.exp2(start[:, :nc, None] - pm).view(g * nc, c, 1)  # (G·nc, C, 1)
+            nd = torch.bmm(fq, before[:, :nc].reshape(g * nc, m, d + 1)).mul_(to_row)  # (G·nc, C, D+1)
+            nd = torch.baddbmm(nd, scores, v1).addcmul_(floor, vbefore[:, :nc].reshape(g * nc, 1, d + 1))  # (G·nc, C, D+1)
+            nd = nd.view(g, nc * c, d + 1)[:, :length]  # (G, L, D+1)
+            parts.append(normalise(nd, 0.0, None if out is None else out[:, s:e]))
+        return torch.cat(parts, dim=1) if out is None else out
 
     def _key_state(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Σ_j φ(k_j)[v_j 1]ᵀ (without 1/√m) in one pass over key blocks: (G, N, D) -> (G, m, D+1).
@@ -207,14 +303,9 @@ class PerformerAttention(nn.Module):
         b, h, n, d = q.shape
         hkv = k.shape[1]
         w = self._base2_projection()  # (m, D)
-        if self.causal:
-            kmax = self._key_max(k.reshape(b * hkv, n, d), w)  # (B·Hkv, 1, 1), once per kv head
-            if hkv != h:
-                kmax = kmax.view(b, hkv, 1, 1, 1).expand(b, hkv, h // hkv, 1, 1).reshape(b * h, 1, 1)  # (B·H, 1, 1)
+        if self.causal:  # K, V repeated to the H heads; the prefix key max is the same within a group
             q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, repeat_kv(k, h), repeat_kv(v, h)))  # (B·H, N, D)
-            out = causal_attention(q3, k3, v3, feature_q=lambda x: self._query_features(x, w),
-                                   feature_k=lambda x: self._key_features(x, w, kmax), width=self.features,
-                                   chunk=self.chunk, eps=0.0)  # (B·H, N, D)
+            out = self._causal(q3, k3, v3, w)  # (B·H, N, D)
         else:
             # the key state once per kv head; its G = H/Hkv query heads are read as G·N rows of that group
             state = self._key_state(k.reshape(b * hkv, n, d), v.reshape(b * hkv, n, d), w)  # (B·Hkv, m, D+1)
@@ -237,12 +328,29 @@ class PerformerAttention(nn.Module):
         return ratio * fq, ratio * fk
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The quadratic way with the same features and stabilisers: A = φ(Q)φ(K)ᵀ (masked), out = A V / A 1."""
+        """The quadratic way with the same features and stabilisers: A = φ(Q)φ(K)ᵀ, out = A V / A 1.
+
+        Causal, A_ij = φ(q_i)ᵀφ_i(k_j) for j <= i with φ_i using row i's prefix max M_i, written
+        φ_i(k_j) = (exp(ω k'_j − |k'_j|²/2 − M_j)·exp(M_j − M_i) + eps)/√m: no exponent is above 0."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # (B, H, N, D)
-        fq, fk = self.feature_maps(q, k)
-        a = torch.matmul(fq, fk.transpose(-1, -2))  # (B, H, N, N)
-        if self.causal:
-            a = a.masked_fill(~causal_mask(q.shape[-2], q.device), 0.0)
+        if not self.causal:
+            fq, fk = self.feature_maps(q, k)  # (B, H, N, m) each
+            a = torch.matmul(fq, fk.transpose(-1, -2))  # (B, H, N, N)
+            return torch.matmul(a, v) / a.sum(dim=-1, keepdim=True)  # (B, H, N, D)
+        n = q.shape[-2]
+        w = self.omega * self.head_dim ** -0.25  # (m, D): ω x' = (ω D^-¼) x
+        aq = torch.matmul(q, w.T)  # (B, H, N, m)
+        ak = torch.matmul(k, w.T)  # (B, H, N, m)
+        half = 0.5 / math.sqrt(self.head_dim)
+        ratio = self.features ** -0.5
+        fq = ratio * (torch.exp(aq - half * (q * q).sum(-1, keepdim=True) - aq.detach().amax(-1, keepdim=True))
+                      + FEATURE_EPS)  # (B, H, N, m)
+        pmax = torch.cummax(ak.detach().amax(dim=-1), dim=-1).values  # (B, H, N): M_j = max_{t<=j} max_r ω_r k'_t
+        gk = ratio * torch.exp(ak - half * (k * k).sum(-1, keepdim=True) - pmax[..., None])  # (B, H, N, m)
+        visible = causal_mask(n, q.device)  # (N, N), j <= i
+        decay = (pmax[..., None, :] - pmax[..., :, None]).masked_fill(~visible, -math.inf).exp()  # (B, H, N, N)
+        floor = ratio * FEATURE_EPS * fq.sum(dim=-1, keepdim=True)  # (B, H, N, 1): φ(q_i)ᵀ (eps/√m)·1
+        a = (torch.matmul(fq, gk.transpose(-1, -2)) * decay + floor).masked_fill(~visible, 0.0)  # (B, H, N, N)
         return torch.matmul(a, v) / a.sum(dim=-1, keepdim=True)  # (B, H, N, D)
 
     # -- decode ------------------------------------------------------------------------------
@@ -271,9 +379,10 @@ class PerformerAttention(nn.Module):
         w = self._base2_projection().to(work)  # (m, D)
         a = torch.matmul(k, w.T)  # (B, Hkv, 1, m): log2 e · ω k'
         new_max = torch.maximum(state.kmax, a.amax(dim=-1, keepdim=True))  # (B, Hkv, 1, 1)
-        if bool((new_max > state.kmax).any()):  # the stabiliser grew: rescale the exponential part to it
-            state.sz.mul_(torch.exp2(state.kmax - new_max))  # (B, Hkv, m, D+1)
-            state.kmax.copy_(new_max)
+        # the stabiliser may have grown: rescale the exponential part to it (by 2⁰ = 1 where it did not; no branch on
+        # the data, so the step runs on fake tensors too)
+        state.sz.mul_(torch.exp2(state.kmax - new_max))  # (B, Hkv, m, D+1)
+        state.kmax.copy_(new_max)
         fk = a.sub_(self._half_sq_norm2(k) + state.kmax).exp2_().transpose(-1, -2)  # (B, Hkv, m, 1), no eps
         v1 = ones_column(v)  # (B, Hkv, 1, D+1)
         state.sz.addcmul_(fk, v1)  # (B, Hkv, m, D+1) += 2^(a − h − M) [v 1]ᵀ
@@ -292,13 +401,25 @@ class PerformerAttention(nn.Module):
         per_group = features * (head_dim + 1) + (head_dim + 1) + 1
         return max(itemsize, 4) * batch * kv_heads * per_group
 
+    @staticmethod
+    def _causal_flops(n: int, head_dim: int, width: int, chunk: int, groups: int) -> int:
+        """Products of :meth:`_causal` per (batch, head) after the projections (what FlopCounterMode counts)."""
+        d1 = head_dim + 1
+        rows = block_rows(n, groups, max(width, chunk), chunk)
+        total = 0
+        for s in range(0, n, rows):
+            nc = math.ceil((min(n, s + rows) - s) / chunk)
+            per_chunk = 2 * chunk * width * d1 + 2 * chunk * chunk * (width + d1) + 2 * chunk * width * d1
+            total += nc * per_chunk + 2 * (nc + 1) * nc * (width + 1) * d1  # prefixes of the state and of Σ[v 1]
+        return total
+
     @classmethod
     def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, features: int = 256,
                        chunk: int = 64, redraw: bool = False, kv_heads: int = 0) -> int:
         kv = kv_heads or heads
         per_row = 2 * n * head_dim * features  # one projection of N rows onto the m features
-        if causal:  # key max per kv head, then q and the repeated k projected per query head inside the chunks
-            return (kv + 2 * heads) * batch * per_row + kernel_flops(
-                groups=batch * heads, n=n, head_dim=head_dim, width=features, causal=True, chunk=chunk)
+        if causal:  # q and the repeated k projected once per query head, then the chunked products
+            groups = batch * heads
+            return 2 * groups * per_row + groups * cls._causal_flops(n, head_dim, features, chunk, groups)
         # key projections and state per kv head, query projections and reads per query head
         return (kv + heads) * batch * per_row + 2 * batch * (heads + kv) * n * features * (head_dim + 1)

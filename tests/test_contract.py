@@ -241,3 +241,28 @@ def test_decode_equals_causal_prefill(mechanism):
         print(f"{mechanism} [{r.knobs}] max|decode-prefill|={r.max_abs_err} {r.detail}")
     failed = [f"[{r.knobs}] {r.reason or r.detail}" for r in rows if r.passed is not True]
     assert not failed, f"{mechanism}: " + "; ".join(failed)
+
+
+def test_decode_row_state_is_measured_predicted_and_declared(mechanism, request):
+    """A decode sweep row (fresh child, B=2, kv_heads 1 where the mechanism takes it, N=1031): the state's tracked
+    bytes equal its declared formula and its fake-tensor prediction, and one step's predicted peak equals the
+    measured one; so `effbench estimate --phase decode` knows both without allocating."""
+    from effbench.runner import RunOptions, run_case
+
+    spec = mechanisms.get(mechanism)
+    if not spec.decodes:
+        pytest.skip(f"{mechanism} has no decode form: {spec.no_decode_reason}")
+    plugins = tuple(str(p) for p in request.config.getoption("--plugin") or ())
+    opts = RunOptions(repeats=1, plugins=plugins, threads=1)
+    knobs = (("kv_heads", 1),) if "kv_heads" in spec.knob_names else ()
+    case = Case(mechanism=mechanism, n=1031, batch=2, heads=2, head_dim=32, causal=True, phase="decode",
+                decode_steps=3, knobs=knobs)
+    if spec.unsupported(case):
+        pytest.skip("; ".join(spec.unsupported(case)))
+    row = run_case(case, opts)
+    assert row.status == Status.OK, (mechanism, row.status, row.error)
+    assert row.state_bytes == row.predicted_state_bytes
+    assert abs(row.state_bytes - row.state_bytes_analytic) <= 0.01 * row.state_bytes_analytic
+    if not spec.data_dependent:
+        assert row.predicted_bytes == row.peak_tensor_bytes
+    assert row.read_bytes and row.time_ms_per_token is not None and row.flops

@@ -5,6 +5,9 @@
   tiny blocks so the multi-block paths (carried state, online key max, padding) run;
 - `linear` is fast-transformers' formula (φ = elu + 1, eps 1e-6) by construction;
 - Performer's error against exact softmax attention falls like 1/√m;
+- causal Performer (prefix-max key stabiliser): decode steps equal the causal forward and reference() for
+  seeds 0–39, kv_heads 4/2/1 and a large key planted late (in the context or among the steps), across chunks
+  and blocks; a huge key overflows nothing (every exponent ≤ 0);
 - peak memory and counted FLOPs grow linearly in N (causal included), and FlopCounterMode
   counts exactly the products the analytic formula predicts;
 - declared limits: Linformer is bidirectional only and fixed to the N it was built for.
@@ -170,6 +173,65 @@ def test_performer_redraw_draws_new_features_each_call():
     assert not torch.equal(m.omega, omega) and not torch.equal(first, second)
     again = build("performer", False, {"features": 64, "redraw": True})
     torch.testing.assert_close(again(q, k, v), first, rtol=0, atol=0)  # the sequence of draws is seeded
+
+
+PLANTS = [None, (-1, 2.0), (-1, 5.0), (-5, 5.0), (-20, 5.0)]  # (position from the end, key scale): late large keys
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("plant", PLANTS, ids=["none", "last-x2", "last-x5", "step-x5", "context-x5"])
+def test_performer_decode_equals_causal_forward(plant, monkeypatch):
+    """Steps after a context of N0 equal the causal forward over N0 + T at their rows: decode's running key max
+    after token i is the forward's prefix max M_i, whatever the later keys. float64 to 1e-12 against forward and
+    reference(), float32 steps to 1e-5 against the float32 forward; B=2, H=4, kv_heads 4/2/1 (by seed), chunks of
+    16 and blocks of 32 rows, two chunks each (carried state, rescaled when a later block raises the max)."""
+    monkeypatch.setattr(_prefix, "BLOCK_ELEMENTS", 1 << 13)  # 8192 / (B·H · 32 features) = 32 rows
+    b, heads, dim, n0, steps = 2, 4, 16, 120, 9
+    total = n0 + steps
+    spec = mechanisms.get("performer")
+    for seed in range(40):
+        kv = (4, 2, 1)[seed % 3]
+        m = spec.build(head_dim=dim, heads=heads, n=total, causal=True, seed=seed, features=32, chunk=16,
+                       kv_heads=kv).double()
+        q, k, v = spec.make_inputs(batch=b, heads=heads, n=total, head_dim=dim, dtype=torch.float64, seed=seed,
+                                   knobs={"kv_heads": kv})
+        if plant is not None:
+            k[:, :, total + plant[0]] *= plant[1]
+        with torch.no_grad():
+            fwd, ref = m(q, k, v), m.reference(q, k, v)
+            torch.testing.assert_close(fwd, ref, rtol=0, atol=1e-12)
+            for dtype, atol, want in ((torch.float64, 1e-12, fwd), (torch.float32, 1e-5, None)):
+                mm, qq, kk, vv = m.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype)
+                want = mm(qq, kk, vv) if want is None else want  # (B, H, N0+T, D)
+                state = mm.decode_init(kk[:, :, :n0], vv[:, :, :n0], total)
+                got = torch.cat([mm.decode_step(state, qq[:, :, i:i + 1], kk[:, :, i:i + 1], vv[:, :, i:i + 1])
+                                 for i in range(n0, total)], dim=2)  # (B, H, T, D)
+                err = float((got - want[:, :, n0:]).abs().max())
+                assert err <= atol, f"seed {seed} kv_heads {kv} {dtype}: max|decode − causal forward| {err:.3g}"
+                if dtype == torch.float32:
+                    torch.testing.assert_close(got.double(), ref[:, :, n0:], rtol=0, atol=1e-5)
+            m.double()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("blocks", [None, 1 << 12], ids=["one-block", "small-blocks"])
+def test_performer_causal_huge_keys_do_not_overflow(blocks, monkeypatch):
+    """Keys ×40 at a few positions (inside a chunk, at a chunk's start, in a later block) make ω k' reach
+    hundreds: the prefix max jumps inside a chunk and between blocks. Every exponent of the forward is ≤ 0,
+    so the outputs stay finite and equal reference() (float64 1e-12, float32 1e-5)."""
+    small_blocks(monkeypatch, blocks)
+    m64 = build("performer", True, {"features": 32, "chunk": 16}, n=200)
+    q, k, v = inputs(n=200, seed=3)
+    k = k.clone()
+    for pos in (37, 48, 130, 199):
+        k[:, :, pos] *= 40.0
+    with torch.no_grad():
+        ref = m64.reference(q, k, v)
+        out = m64(q, k, v)
+        out32 = copy.deepcopy(m64).float()(q.float(), k.float(), v.float())
+    assert torch.isfinite(ref).all() and torch.isfinite(out32).all()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out32.double(), ref, rtol=0, atol=1e-5)
 
 
 def test_linformer_limits():

@@ -8,7 +8,8 @@ with ``reference`` cannot catch a wrong pattern (a window one wider in both pass
   float64 masked softmax written here, and ``forward`` must match it in float32 (1e-5) and float64 (1e-10) on
   B=2, H=3, N=1000 (no window, block, chunk or segment divides it), both causal modes where supported;
 - Performer's output must equal attention through a FAVOR+ φ written here from its docstring (own ω and a small
-  fixed ω), bidirectional and in causal prefix form;
+  fixed ω), bidirectional and in causal prefix form (row i's keys stabilised by the prefix max over j ≤ i), and
+  scaling a key up changes no earlier causal row (no leak through the key stabiliser);
 - mutations prove the oracles sensitive: a local window one wider in forward *and* reference, Performer's
   FEATURE_EPS 1e-2 instead of 1e-4 (both still agree with their own ``reference()``);
 - the results writer fsyncs every appended row after writing it and every file before renaming it over
@@ -234,24 +235,41 @@ PN = 777  # not a multiple of the 64-position causal chunk
 
 
 def favor_oracle(q, k, v, omega, causal):
-    """φ(x) = (exp(ω x' − |x'|²/2 − c) + 1e-4)/√m, x' = x·D^-¼; c: per query the max of its ω q', for keys one
-    max over all positions and features of the (batch, head). out = φ(q)(φ(k)ᵀv) / φ(q)·Σφ(k), over all keys or
-    (causal) the prefix j ≤ i."""
+    """φ(x) = (exp(ω x' − |x'|²/2 − c) + 1e-4)/√m, x' = x·D^-¼; c: per query the max of its ω q'. Bidirectional:
+    for keys one max over all positions and features of the (batch, head), out = φ(q)(φ(k)ᵀv) / φ(q)·Σφ(k).
+    Causal: row i's keys use c = M_i = max of ω k'_j over j ≤ i and all features (the prefix max), out_i =
+    Σ_{j≤i} φ(q_i)·φ_i(k_j) v_j / Σ_{j≤i} φ(q_i)·φ_i(k_j), every φ_i(k_j) made literally for its row."""
     q, k, v, omega = (t.double() for t in (q, k, v, omega))
     feats = omega.shape[0]
 
-    def phi(x, c_dims):
+    def parts(x):
         xp = x * D ** -0.25
-        proj = xp @ omega.T  # (B, H, N, m)
-        c = proj.amax(dim=c_dims, keepdim=True)
-        return (torch.exp(proj - xp.square().sum(-1, keepdim=True) / 2 - c) + 1e-4) / math.sqrt(feats)
+        return xp @ omega.T, xp.square().sum(-1, keepdim=True) / 2  # (B, H, N, m), (B, H, N, 1)
 
-    fq, fk = phi(q, (-1,)), phi(k, (-2, -1))
+    def phi(x, c_dims):
+        proj, half = parts(x)
+        c = proj.amax(dim=c_dims, keepdim=True)
+        return (torch.exp(proj - half - c) + 1e-4) / math.sqrt(feats)
+
+    fq = phi(q, (-1,))
     if not causal:
+        fk = phi(k, (-2, -1))
         return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2)[..., None])
-    state = torch.cumsum(fk[..., :, None] * v[..., None, :], dim=-3)  # (B, H, N, m, D): Σ_{j≤i} φ(k_j) v_jᵀ
-    z = torch.cumsum(fk, dim=-2)  # (B, H, N, m): Σ_{j≤i} φ(k_j)
-    return torch.einsum("bhnm,bhnmd->bhnd", fq, state) / (fq * z).sum(-1, keepdim=True)
+    n = q.shape[-2]
+    proj, half = parts(k)  # (B, H, N, m), (B, H, N, 1)
+    i, j = grid(n)
+    visible = j <= i  # (N, N)
+    # M_i: the max of ω k'_j over the visible keys j ≤ i and all m features
+    prefix_max = proj.amax(-1)[..., None, :].masked_fill(~visible, -math.inf).amax(-1)  # (B, H, N)
+    out = torch.empty_like(q)
+    for s in range(0, n, 16):  # rows s..s+15, each with its own φ_i(k_j) for every key j ≤ i
+        rows = slice(s, s + 16)
+        vis = visible[rows][:, :, None]  # (R, N, 1)
+        expo = (proj[..., None, :, :] - half[..., None, :, :] - prefix_max[..., rows, None, None])  # (B, H, R, N, m)
+        fk_i = (torch.exp(expo.masked_fill(~vis, -math.inf)) + 1e-4) / math.sqrt(feats)  # (B, H, R, N, m)
+        weights = torch.einsum("bhrm,bhrnm->bhrn", fq[..., rows, :], fk_i).masked_fill(~visible[rows], 0.0)
+        out[..., rows, :] = (weights @ v) / weights.sum(-1, keepdim=True)  # (B, H, R, D)
+    return out
 
 
 def fixed_omega(m: int = 8) -> torch.Tensor:
@@ -292,6 +310,27 @@ def test_performer_feature_eps_mutation_fails_oracle(monkeypatch, causal):
         with torch.no_grad():
             torch.testing.assert_close(m(q, k, v), m.reference(q, k, v), atol=1e-10, rtol=0)  # self-consistent
         assert err > 1e-4, f"the oracle missed FEATURE_EPS = 1e-2 (ω={omega_kind}, error {err:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_performer_causal_rows_before_a_key_ignore_it(dtype):
+    """No causal leak through the key stabiliser: scaling the key at position t up (so that it holds the largest
+    projection ω k' of the whole sequence in every (batch, head)) leaves the rows < t of forward and reference()
+    unchanged, and changes rows ≥ t. A stabiliser that is one max over all N keys (performer-pytorch's causal
+    choice, and this mechanism's before the prefix max) moves every earlier row through the 1e-4 floor."""
+    m = build("performer", True, dtype, n=PN, features=48)
+    q, k, v = qkv(n=PN, dtype=dtype, seed=1)
+    t = 500  # inside a 64-position chunk (500 = 7·64 + 52)
+    planted = k.clone()
+    planted[:, :, t] *= 5
+    proj = lambda x: (x.double() * D ** -0.25) @ m.omega.double().T  # (B, H, N, m)
+    others = torch.cat([proj(planted)[:, :, :t], proj(planted)[:, :, t + 1:]], dim=2)
+    assert (proj(planted)[:, :, t].amax(-1) > others.amax(dim=(-2, -1))).all(), "the planted key must hold the max"
+    with torch.no_grad():
+        for fn in (m, m.reference):
+            before, after = fn(q, k, v), fn(q, planted, v)
+            torch.testing.assert_close(after[:, :, :t], before[:, :, :t], atol=ATOL[dtype] / 10, rtol=0)
+            assert float((after[:, :, t:] - before[:, :, t:]).abs().max()) > 1e-3  # the key itself does count
 
 
 # --------------------------------------------------------------------------- the results writer fsyncs
