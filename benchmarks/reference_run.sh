@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates results/: the reference sweep, the denser sweep for the slopes, verify, and the figures.
+# Regenerates results/: the reference sweep, the denser sweep for the slopes, verify, the figures, and the decode sweep.
 # Cases already in results/reference.csv are not run again (--resume), so the second sweep
 # only adds the sizes the first did not have. Takes about 25 minutes on a quiet 2-core CPU; timings
 # are only as good as the machine is quiet.
@@ -12,3 +12,9 @@ effbench sweep --mech all --n 256,512,1024,2048,4096,8192,16384,32768 --repeats 
 effbench sweep --mech dense,sdpa --causal --n 256,512,1024,2048,4096,8192,16384,32768 --repeats 3 --timeout 1800 --out "$out" --resume
 effbench verify --out results/verify.csv
 effbench plot "$out" --out results/figures --format png,svg --budget 80GiB --verify results/verify.csv
+# decode: KV cache / state bytes and time per token after a context of N (its own file and figures)
+dec=results/decode.csv
+effbench sweep --phase decode --mech all --n 1024,2048,4096,8192,16384,32768,65536,131072,262144 --decode-steps 32 --timeout 1800 --out "$dec" --resume
+effbench sweep --phase decode --mech dense,sdpa,local,sinks,linear --n 524288,1048576 --decode-steps 32 --timeout 1800 --out "$dec" --resume
+effbench sweep --phase decode --mech dense,sdpa,local,sinks --kv-heads 1,2 --n 4096,32768,131072 --decode-steps 32 --timeout 1800 --out "$dec" --resume
+effbench plot "$dec" --out results/figures/decode --format png,svg --budget 80GiB

@@ -75,8 +75,8 @@ def copy_bandwidth(device: str | None, threads: int | None) -> dict:
     with err_console.status("measuring copy bandwidth (one 256 MiB tensor copy)"):
         found = measure_in_child(device, threads)
     if "copy_gbps" in found:
-        err_console.print(f"[dim]copy bandwidth on {device}: {found['copy_gbps']:.1f} GB/s read (decode rows' "
-                          "read_gbps is read against it)[/]", highlight=False)
+        err_console.print(f"[dim]copy bandwidth on {device}: {found['copy_gbps']:.1f} GB/s read + written (decode "
+                          "rows' read_gbps is read against it)[/]", highlight=False)
     else:
         err_console.print(f"[yellow]copy bandwidth not measured:[/] {found['copy_error']}", highlight=False)
     return found

@@ -14,8 +14,8 @@ point), with ``decode_steps`` part of the configuration (it sizes the cache).
 - the state is affine in N for every mechanism, so it is fitted as bytes = a + b·N (``fits.fit_affine``):
   *grows* (b > 0: dense, sdpa, bigbird) or *constant* (windows, sinks, kernel and recurrent states); the
   log-log slope (``fits.fit_loglog``) is beside it, ≈1 or ≈0;
-- the *copy bandwidth* is the device's measured ``dst.copy_(src)`` read rate, from the JSON sidecar's run
-  records (``copy_gbps``): a decode step cannot read its state faster than that.
+- the *copy bandwidth* is the device's measured ``dst.copy_(src)`` traffic (bytes read + written per second), from
+  the JSON sidecar's run records (``copy_gbps``): a step that only reads streams its state at most about that fast.
 """
 
 from __future__ import annotations

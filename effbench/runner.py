@@ -166,18 +166,11 @@ def _measure(case: Case, opts: RunOptions, report: Report) -> None:
     if case.phase == "decode":
         _measure_decode(spec, case, opts, report, readings)
         return
-    fake_flops = None
-    if opts.predict or opts.predict_only:
-        pred = _predict_stage(case, report, readings)
-        if opts.predict_only:
-            _report_prediction(spec, case, pred, report)
-            return
-        over = _over_budget(pred, opts.mem_budget)
-        if over:
-            report({"status": Status.PREDICTED_OOM, "error": over})
-            return
-        fake_flops = pred.flops
-    w = _build_stage(case, report)
+    done, fake_flops = _prediction_gate(spec, case, opts, report, readings, predict)
+    if done:
+        return
+    w = workload.prepare(case)
+    _report_build(w, report)
     if opts.time:
         t = _time_stage(case, w.call, opts.warmup, opts.repeats, opts.min_time)
         report({"time_ms_median": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer})
@@ -194,25 +187,13 @@ def _measure(case: Case, opts: RunOptions, report: Report) -> None:
 def _measure_decode(spec, case: Case, opts: RunOptions, report: Report, readings: _Readings) -> None:
     """A decode case's stages: predict, build, fill the state from the context (untimed, outside every peak, its
     bytes tracked), one warm-up step, one tracked step (and its RSS or CUDA-allocator pass), ``decode_steps`` timed
-    single-token steps, and the FLOPs of one step (counted on fake tensors by the prediction, else of the next step). Each step consumes a token; the case has room for all of them
-    (``Case.capacity``)."""
-    fake_flops = None
-    if opts.predict or opts.predict_only:
-        pred = _predict_stage(case, report, readings, predict_decode)
-        if pred.state_bytes is not None:
-            report({"predicted_state_bytes": pred.state_bytes})
-        if opts.predict_only:
-            report(decoding.analytic_fields(case, pred.state_bytes))
-            _report_prediction(spec, case, pred, report)
-            return
-        over = _over_budget(pred, opts.mem_budget)
-        if over:
-            report({"status": Status.PREDICTED_OOM, "error": over})
-            return
-        fake_flops = pred.flops
+    single-token steps, and the FLOPs of one step (counted on fake tensors by the prediction, else of the next
+    step). Each step consumes a token; the case has room for all of them (``Case.capacity``)."""
+    done, fake_flops = _prediction_gate(spec, case, opts, report, readings, predict_decode)
+    if done:
+        return
     w = decoding.prepare_decode(case)
-    report({"build_ms": round(w.build_ms, 3), "param_bytes": w.param_bytes,
-            "build_info": "; ".join(f"{k}={v}" for k, v in w.info.items()) or None})
+    _report_build(w, report)
     held, _ = w.fill()
     fields = decoding.analytic_fields(case, held)
     report({"state_bytes": held, **fields})
@@ -236,6 +217,27 @@ def _supported(spec, case: Case, report: Report) -> bool:
     if reasons:
         report({"status": Status.SKIPPED, "error": "; ".join(reasons)})
     return not reasons
+
+
+def _prediction_gate(spec, case: Case, opts: RunOptions, report: Report, readings: _Readings,
+                     how: Callable[[Case], Prediction]) -> tuple[bool, tuple[int, list[str]] | None]:
+    """The prediction stage (``how``: :func:`predict` or :func:`predict_decode`) and what it decides: (the case
+    ends here — prediction only, or over the budget —, the FLOPs counted on fake tensors)."""
+    if not (opts.predict or opts.predict_only):
+        return False, None
+    pred = _predict_stage(case, report, readings, how)
+    if pred.state_bytes is not None:
+        report({"predicted_state_bytes": pred.state_bytes})
+    if opts.predict_only:
+        if case.phase == "decode":
+            report(decoding.analytic_fields(case, pred.state_bytes))
+        _report_prediction(spec, case, pred, report)
+        return True, None
+    over = _over_budget(pred, opts.mem_budget)
+    if over:
+        report({"status": Status.PREDICTED_OOM, "error": over})
+        return True, None
+    return False, pred.flops
 
 
 def _predict_stage(case: Case, report: Report, readings: _Readings, how=None) -> Prediction:
@@ -269,11 +271,9 @@ def _over_budget(pred: Prediction, budget: int | None) -> str | None:
             f"> budget {budget}")
 
 
-def _build_stage(case: Case, report: Report) -> workload.Workload:
-    w = workload.prepare(case)
+def _report_build(w: workload.Workload | decoding.DecodeWorkload, report: Report) -> None:
     report({"build_ms": round(w.build_ms, 3), "param_bytes": w.param_bytes,
             "build_info": "; ".join(f"{k}={v}" for k, v in w.info.items()) or None})
-    return w
 
 
 def _time_stage(case: Case, call: Callable[[], Any], warmup: int, repeats: int,

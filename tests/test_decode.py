@@ -236,4 +236,4 @@ def test_copy_timing_with_cuda_events():
     copies = []
     times = time_copies(lambda: copies.append(1), 3, cuda=FakeCuda)
     assert len(copies) == 3 and times == [0.5e-3] * 3
-    assert bandwidth_fields(2**20, times, "cuda:0", "cuda-events")["copy_gbps"] == round(2**20 / 0.5e-3 / 1e9, 3)
+    assert bandwidth_fields(2**20, times, "cuda:0", "cuda-events")["copy_gbps"] == round(2 * 2**20 / 0.5e-3 / 1e9, 3)

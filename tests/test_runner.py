@@ -114,6 +114,6 @@ def test_results_and_rows_refuse_unknown_fields():
 def test_an_unknown_field_reported_by_a_stage_fails_the_case_by_name(monkeypatch):
     from effbench import runner
 
-    monkeypatch.setattr(runner, "_build_stage", lambda case, report: report({"input_bytes": 5}))
+    monkeypatch.setattr(runner, "_report_build", lambda w, report: report({"input_bytes": 5}))
     r = runner.measure_in_process(Case(mechanism="dense", n=16, heads=1, head_dim=8), _opts(predict=False))
     assert r.status is Status.ERROR and r.error == "ResultsError: not result columns: input_bytes"

@@ -4,8 +4,9 @@ Decode reads its whole cache or state for one token, so it is bound by memory ba
 ``read_gbps`` (bytes a step reads over its time) is read against this number. One large tensor copy
 (``dst.copy_(src)`` of 256 MiB, well past every cache), warmed once, then timed ``repeats`` times — with
 ``time.perf_counter`` on the CPU, with CUDA events on a GPU (``start.record(); copy; end.record();
-end.synchronize()``, as the CUDA semantics notes describe). ``copy_gbps`` is the bytes *read* per second
-(each byte is also written, so the traffic is twice that), in 10⁹ B/s, the median over the repeats.
+end.synchronize()``, as the CUDA semantics notes describe). ``copy_gbps`` is the memory traffic per second,
+bytes read plus bytes written (2·nbytes per copy, the STREAM convention), in 10⁹ B/s, at the median time: a step
+that only reads streams at most about that fast, so ``read_bytes / copy_gbps`` is the floor of its time.
 It runs in a child of the fork server, so the sweep's own process never creates a CUDA context.
 """
 
@@ -40,11 +41,12 @@ def time_copies(copy: Callable[[], Any], repeats: int, cuda: Any = None) -> list
 
 
 def bandwidth_fields(nbytes: int, times_s: list[float], device: str, timer: str) -> dict[str, Any]:
-    """The sidecar's fields: the median read bandwidth in GB/s and how it was measured."""
+    """The sidecar's fields: the copy's memory traffic (read + written) per second at its median time, and how."""
     median = statistics.median(times_s)
-    return {"copy_gbps": round(nbytes / median / 1e9, 3), "copy_bytes": nbytes, "copy_repeats": len(times_s),
+    return {"copy_gbps": round(2 * nbytes / median / 1e9, 3), "copy_bytes": nbytes, "copy_repeats": len(times_s),
             "copy_device": device, "copy_timer": timer,
-            "copy_method": f"dst.copy_(src) of {nbytes // 2**20} MiB, median of {len(times_s)}; GB/s of bytes read"}
+            "copy_method": (f"dst.copy_(src) of {nbytes // 2**20} MiB, median of {len(times_s)}; "
+                            "GB/s of bytes read + written (STREAM copy convention)")}
 
 
 def copy_bandwidth(device: str = "cpu", nbytes: int = COPY_BYTES, repeats: int = 5) -> dict[str, Any]:
