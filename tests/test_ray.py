@@ -2,14 +2,12 @@
 fault rows, a worker killed mid-case, a case past its timeout cancelled, kill/Ctrl-C and resume through the CLI,
 one GPU per task, and the one-line errors. Needs the `ray` extra (skipped without it)."""
 
-import _thread
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -163,14 +161,21 @@ def test_killed_and_interrupted_sweeps_resume_through_ray_to_every_case_once(clu
     before = results.read_results(out)
     assert 2 <= len(before) < 6
 
-    # 2. resumed (in this process, on the same cluster) and interrupted by Ctrl-C once it has written one more row
-    def ctrl_c_after_a_row():
-        while _rows_in(out) <= len(before):
-            time.sleep(0.05)
-        _thread.interrupt_main()
+    # 2. resumed (in this process, on the same cluster) and interrupted by Ctrl-C right after it has written one
+    # more row: the KeyboardInterrupt is raised where a real Ctrl-C lands, in the driver's loop, just after the
+    # row's fsync (a thread calling interrupt_main could arrive after the sweep had finished on a busy machine)
+    real_append = results.ResultsWriter.append
+    appended = []
 
-    threading.Thread(target=ctrl_c_after_a_row, daemon=True).start()
-    r = CliRunner().invoke(app, args + ["--resume"])
+    def append_then_ctrl_c(self, row):
+        real_append(self, row)
+        appended.append(row)
+        if len(appended) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(results.ResultsWriter, "append", append_then_ctrl_c)
+        r = CliRunner().invoke(app, args + ["--resume"])
     assert r.exit_code == 130, r.output
     text = " ".join(r.output.split())
     assert "outstanding cases cancelled" in text and "with --resume to run the rest" in text
