@@ -291,8 +291,10 @@ def read_results(path: str | Path) -> pd.DataFrame:
         raise ResultsError(f"{path} could not be parsed as CSV: {exc}") from None
     _check_statuses(df, path)
     for col, default in CASE_DEFAULTS.items():
-        # a widened file's new column is all-empty (read as float): fill it as text
-        df[col] = df[col].astype(object).where(df[col].notna(), default) if col in df else default
+        if col not in df or df[col].isna().all():  # absent, or all-empty (read as float) in a widened old file
+            df[col] = default
+        else:
+            df[col] = df[col].fillna(default)
     if "causal" in df:
         df["causal"] = df["causal"].map(lambda v: str(v).lower() == "true")
     for col in INT_COLUMNS:
