@@ -194,13 +194,28 @@ def _labels(cfg: pd.DataFrame, rows: pd.DataFrame) -> pd.Series:
         kv = per_config.loc[group.index]
         in_force = {k: kv.apply(lambda r, k=k: _knob_text(r, [k], effective=[k]), axis=1) for k in knobs}
         varying = [k for k in knobs if in_force[k].nunique() > 1]
-        shown = varying or knobs
+        # nothing varies: the numeric knobs (window, chunk, ...) name the setting; a choice of implementation without a
+        # sweep axis (impl, backend) is named only where it is off its declared default
+        shown = varying or [k for k in knobs if not _quiet_default(str(mech), k, kv[k])]
         for config in group.index:
             text = _knob_text(kv.loc[config], shown, effective=varying)
             label = f"{mech}[{text}]" if text else str(mech)
             extra = [_setting_part(c, cfg.at[config, c]) for c in varying_setting]
             labels[config] = " ".join([label] + extra)
     return pd.Series(labels).reindex(cfg.index)
+
+
+def _quiet_default(mechanism: str, knob: str, values: pd.Series) -> bool:
+    """True for a text knob of ``mechanism`` with no sweep axis (an implementation choice) whose every value is its
+    declared default (or empty)."""
+    import mechanisms
+
+    spec = mechanisms.REGISTRY.get(mechanism)
+    declared = next((k for k in spec.knobs if k.name == knob), None) if spec is not None else None
+    if declared is None or declared.axis is not None or declared.type is not str:
+        return False
+    default = fmt_value(declared.default)
+    return all(fmt_value(v) in (None, default) for v in values)
 
 
 def _setting_part(col: str, value: Any) -> str:

@@ -334,6 +334,8 @@ def _type_knob_columns(df: pd.DataFrame) -> None:
                 df[col] = num.astype("Int64")
         elif kind is float:
             df[col] = pd.to_numeric(df[col], errors="coerce")
+        else:  # text knobs: one dtype whether or not any row of the file has the knob (all-empty reads as float)
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
 
 
 def done_keys(path: str | Path) -> set[str]:

@@ -17,7 +17,10 @@ from .base import (
 # One module per mechanism; each registers itself on import.
 from . import dense, sdpa  # noqa: E402,F401  exact
 from . import local, dilated, longformer, sinks, bigbird  # noqa: E402,F401  sparse patterns
+from . import sparse_transformer  # noqa: E402,F401  fixed sparse patterns (Child et al.)
 from . import linear, performer, linformer  # noqa: E402,F401  kernel and low-rank
+from . import cosformer  # noqa: E402,F401  kernel with cos re-weighting
+from . import nystromformer  # noqa: E402,F401  low-rank (Nyström)
 from . import reformer, transformer_xl, compressive, axial, learned_pe  # noqa: E402,F401  hashing, recurrence, positions
 
 __all__ = [

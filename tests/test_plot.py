@@ -270,9 +270,9 @@ def test_labels_show_what_varies(tmp_path):
     rows += [_ok("dense", n, 1e-6 * n * n, 16 * n * n) for n in NS]
     rep = plot.make_report(_write(tmp_path / "r.csv", rows), out_dir=tmp_path / "o")
     labels = set(rep.analysis.configs["label"])
-    assert labels == {"dense bidir", "local[impl=eager,window=32] bidir", "local[impl=eager,window=32] causal"}
+    assert labels == {"dense bidir", "local[window=32] bidir", "local[window=32] causal"}
     cross = rep.crossovers
-    causal = cross[cross["label"].eq("local[impl=eager,window=32] causal") & cross["baseline"].eq("dense")]
+    causal = cross[cross["label"].eq("local[window=32] causal") & cross["baseline"].eq("dense")]
     assert causal["kind"].eq("n/a").all()  # no causal dense rows to compare with
 
 
