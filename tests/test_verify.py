@@ -394,3 +394,10 @@ def test_half_precision_passes_for_hashing_and_causal_kernels(dtype):
     # regressions: Reformer hashed fp16 rounding into other buckets; causal Performer gave NaN gradients
     report = run_verify(["reformer", "performer", "linear"], N, dtype=dtype)
     assert report.passed, summary_line(report)
+
+
+def test_csv_keeps_the_na_outcome(tmp_path):
+    """A check that does not apply reads back as "n/a", not as a missing value (pandas' default NA strings)."""
+    report = run_verify(["linformer"], 64, "cpu", "float32", 0, None)
+    back = verify.read_csv(write_csv(report, tmp_path / "v.csv"))
+    assert "n/a" in set(back["result"]) and back["result"].notna().all()

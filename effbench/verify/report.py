@@ -121,7 +121,9 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise ResultsError(f"verify file not found: {path}")
     try:
-        df = pd.read_csv(path, dtype={"knob": str, "check": str, "mechanism": str})
+        # only an empty cell is missing: the outcome "n/a" (pandas' default NA strings include it) is a value
+        df = pd.read_csv(path, dtype={"knob": str, "check": str, "mechanism": str}, keep_default_na=False,
+                         na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} could not be parsed as an effbench verify CSV: {exc}") from None
     missing = [c for c in REQUIRED if c not in df.columns]
