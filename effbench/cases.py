@@ -122,11 +122,6 @@ class Case:
                 self.mode, self.causal, self.knobs, self.seed, self.phase, self.decode_steps)
 
     @property
-    def kv_heads(self) -> int:
-        """Key/value heads (``heads`` unless the mechanism's ``kv_heads`` knob says fewer)."""
-        return self.spec().kv_heads_of(self.heads, self.knob_dict)
-
-    @property
     def capacity(self) -> int:
         """Positions a decode case's state must hold: the context N, the timed steps and the harness' extra steps
         (warm-up and the memory and FLOP passes, one each)."""
@@ -188,9 +183,9 @@ def expand(
         own_causal = causal or not spec.supports_bidirectional or (phase == "decode" and spec.causal_applies)
         for combo in itertools.product(*[g[1] for g in grid]):
             knobs = tuple(zip(names, combo))
-            kv = spec.kv_heads_of(heads, dict(knobs))
-            if kv > heads or heads % kv:
-                raise CaseError(f"{name}: {kv_heads_error(heads, kv)}")
+            why = kv_heads_error(heads, spec.kv_heads_of(heads, dict(knobs)))
+            if why:
+                raise CaseError(f"{name}: {why}")
             for n in ns:
                 cases.append(Case(mechanism=name, n=n, batch=batch, heads=heads, head_dim=head_dim,
                                   dtype=dtype, device=device, mode=mode, causal=own_causal,

@@ -107,9 +107,8 @@ def prepare_decode(case: Case, device: str | None = None) -> DecodeWorkload:
 def analytic_fields(case: Case, state_bytes: int | None) -> dict[str, Any]:
     """``state_bytes_analytic`` and ``read_bytes`` of a decode case (read: declared, else the measured state)."""
     spec = case.spec()
-    itemsize = torch.empty((), dtype=case.torch_dtype).element_size()
     kw = dict(batch=case.batch, heads=case.heads, head_dim=case.head_dim, n=case.n, capacity=case.capacity,
-              itemsize=itemsize, knobs=case.knob_dict)
+              itemsize=case.torch_dtype.itemsize, knobs=case.knob_dict)
     declared = spec.state_bytes(**kw)
     read = spec.decode_read_bytes(**kw)
     return {"state_bytes_analytic": declared, "read_bytes": read if read is not None else state_bytes}

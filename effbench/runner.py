@@ -240,10 +240,11 @@ def _prediction_gate(spec, case: Case, opts: RunOptions, report: Report, reading
     return False, pred.flops
 
 
-def _predict_stage(case: Case, report: Report, readings: _Readings, how=None) -> Prediction:
+def _predict_stage(case: Case, report: Report, readings: _Readings,
+                   how: Callable[[Case], Prediction]) -> Prediction:
     """Predict on fake tensors and report it; a mechanism whose ops have no fake/meta kernel is measured for real."""
     try:
-        pred = (how or predict)(case)
+        pred = how(case)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:

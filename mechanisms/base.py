@@ -325,23 +325,24 @@ class MechanismSpec:
     def state_bytes(self, *, batch: int, heads: int, head_dim: int, n: int, capacity: int, itemsize: int,
                     knobs: Mapping[str, Any] | None = None) -> int | None:
         """The declared bytes of the decode state after a context of ``n`` sized for ``capacity`` positions."""
-        if not self.decodes:
-            return None
-        values = self.resolve_knobs(knobs)
-        values.pop("kv_heads", None)
-        return int(self.cls.state_bytes(batch=batch, heads=heads, kv_heads=self.kv_heads_of(heads, knobs),
-                                        head_dim=head_dim, n=n, capacity=capacity, itemsize=itemsize, **values))
+        return self._decode_formula("state_bytes", batch=batch, heads=heads, head_dim=head_dim, n=n,
+                                    capacity=capacity, itemsize=itemsize, knobs=knobs)
 
     def decode_read_bytes(self, *, batch: int, heads: int, head_dim: int, n: int, capacity: int, itemsize: int,
                           knobs: Mapping[str, Any] | None = None) -> int | None:
         """Bytes one decode step reads from its state (declared ``decode_read_bytes``; default: all of it)."""
-        fn = getattr(self.cls, "decode_read_bytes", None)
+        return self._decode_formula("decode_read_bytes", batch=batch, heads=heads, head_dim=head_dim, n=n,
+                                    capacity=capacity, itemsize=itemsize, knobs=knobs)
+
+    def _decode_formula(self, name: str, *, heads: int, knobs: Mapping[str, Any] | None, **sizes: int) -> int | None:
+        """The mechanism's declared decode formula ``name`` for these sizes, its knobs resolved and kv_heads in force
+        (None when it has no decode form or does not declare it)."""
+        fn = getattr(self.cls, name, None)
         if fn is None or not self.decodes:
             return None
         values = self.resolve_knobs(knobs)
         values.pop("kv_heads", None)
-        return int(fn(batch=batch, heads=heads, kv_heads=self.kv_heads_of(heads, knobs), head_dim=head_dim,
-                      n=n, capacity=capacity, itemsize=itemsize, **values))
+        return int(fn(heads=heads, kv_heads=self.kv_heads_of(heads, knobs), **sizes, **values))
 
     @property
     def knob_names(self) -> tuple[str, ...]:
@@ -394,9 +395,9 @@ class MechanismSpec:
             return reasons + [str(exc)]
         if "kv_heads" in values:
             heads = int(_case_get(case, "heads", 1))
-            kv = self.kv_heads_of(heads, values)
-            if kv > heads or heads % kv:
-                reasons.append(kv_heads_error(heads, kv))
+            why = kv_heads_error(heads, self.kv_heads_of(heads, values))
+            if why:
+                reasons.append(why)
         check = getattr(self.cls, "check", None)
         if check is not None:
             extra = {}
@@ -435,7 +436,10 @@ class MechanismSpec:
         return tuple(out)
 
 
-def kv_heads_error(heads: int, kv_heads: int) -> str:
+def kv_heads_error(heads: int, kv_heads: int) -> str | None:
+    """Why ``kv_heads`` cannot serve ``heads`` query heads (None when it divides them)."""
+    if kv_heads <= heads and heads % kv_heads == 0:
+        return None
     return (f"heads {heads} is not a multiple of kv_heads {kv_heads}: each kv head must serve the same number "
             "of query heads (choose kv_heads dividing heads)")
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._decode import StaticKV
-from .base import KV_HEADS, Knob, register
+from .base import KV_HEADS, Knob, kv_heads_error, register
 from .dense import DenseAttention
 
 BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
@@ -234,7 +234,7 @@ class SDPAAttention(DenseAttention):
     def check(cls, *, n: int, causal: bool, heads: int, head_dim: int, device: str, dtype: str, mode: str = "fwd",
               kv_heads: int = 0, backend: str = "auto") -> list[str]:
         kv = kv_heads or heads
-        if kv > heads or heads % kv or n < 1:
+        if kv_heads_error(heads, kv) or n < 1:
             return []  # the kv_heads reason is the registry's; nothing to probe
         return backend_reasons(backend, n=n, causal=causal, heads=heads, kv_heads=kv, head_dim=head_dim,
                                device=device, dtype=dtype, mode=mode)

@@ -68,7 +68,7 @@ def run_decode(spec, *, n0: int, steps: int, knobs: dict, kv_heads: int, batch: 
         raise ValueError(f"decode steps returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
     max_abs, rel, cos = stats(out, ref)
     declared = spec.state_bytes(batch=batch, heads=heads, head_dim=head_dim, n=n0, capacity=total,
-                                itemsize=torch.empty((), dtype=tdtype).element_size(), knobs=knobs)
+                                itemsize=tdtype.itemsize, knobs=knobs)
     return DecodeOutcome(max_abs_err=max_abs, error_rel=rel, cosine=cos, scale=max(1.0, float(ref.abs().max())),
                          state_bytes=int(held), state_bytes_analytic=int(declared),
                          kv_heads=spec.kv_heads_of(heads, knobs))
