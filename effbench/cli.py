@@ -187,6 +187,7 @@ def sweep(
     warmup: Annotated[int, typer.Option(help="Untimed calls before timing (prefill; a decode case warms with one step).")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls (median and IQR over them).")] = 5,
     min_time: Annotated[Optional[float], typer.Option("--min-time", help="Instead of --repeats: time for at least this many seconds.")] = None,
+    flush_l2: Annotated[bool, typer.Option("--flush-l2/--no-flush-l2", help="CUDA: flush the L2 cache before each timed sample (a write to a buffer larger than L2, outside the timed events, as triton.testing.do_bench does); --no-flush-l2 keeps it warm. The row's timer says which.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds per case before its child process is killed.")] = 300.0,
     mem_budget: Annotated[Optional[str], typer.Option("--mem-budget", help="Skip cases predicted above this (e.g. 20GiB; 'none' to disable). Default: 80% of free RAM / 90% of free GPU memory (under Ray: on the node that runs the case).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Results CSV (appended to).")] = Path("results.csv"),
@@ -216,7 +217,7 @@ def sweep(
             check_out(out, resume)
             budget = memory_budget(mem_budget, dev) if executor == "local" or mem_budget is not None else None
             opts = RunOptions(warmup=warmup, repeats=repeats, min_time=min_time, timeout=timeout, mem_budget=budget,
-                              plugins=tuple(str(p) for p in plugin or ()), threads=threads)
+                              plugins=tuple(str(p) for p in plugin or ()), threads=threads, flush_l2=flush_l2)
             env = environment()
             if phase == "decode":
                 env.update(copy_bandwidth(dev if executor == "local" else None, threads))

@@ -62,6 +62,7 @@ class RunOptions:
     predict_only: bool = False
     time: bool = True
     memory: bool = True
+    flush_l2: bool = True  # CUDA: write a buffer larger than L2 before each timed sample (do_bench's convention)
 
 
 def _context():

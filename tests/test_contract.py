@@ -131,6 +131,27 @@ def test_memory_and_flops_grow_linearly(mechanism_growth):
     assert_linear(rows, max_ratio=2.3, flops=spec.linear_flops)
 
 
+OPS_N = (4096, 16384)  # B=1, H=8, D=64, fp32, default knobs: the sizes a GPU user runs
+MAX_OPS = 200  # ops one call may dispatch at 16,384 (a kernel launch each on a GPU)
+MAX_OPS_GROWTH = 1.5  # and at most this many times more from 4,096 to 16,384
+
+
+def test_ops_per_call_do_not_grow_with_n(mechanism_mode):
+    """One forward call dispatches a bounded number of aten ops, nearly independent of N: blocks are sized from a
+    byte budget (``mechanisms._budget``), not a fixed row count, so a GPU run is not launch-bound. Counted on
+    fake tensors."""
+    from effbench.profile.opstats import count_case_ops
+
+    name, causal = mechanism_mode
+    spec = mechanisms.get(name)
+    cases = [Case(mechanism=name, n=n, batch=1, heads=8, head_dim=64, causal=causal) for n in OPS_N]
+    if spec.unsupported(cases[0]):
+        pytest.skip("; ".join(spec.unsupported(cases[0])))
+    small, large = (count_case_ops(c) for c in cases)
+    assert large <= MAX_OPS, f"{name} {mode_label(spec, causal)}: {large} ops per call at n={OPS_N[1]}"
+    assert large <= MAX_OPS_GROWTH * small, f"{name} {mode_label(spec, causal)}: ops {small} -> {large}"
+
+
 def test_prediction_equals_tracked_peak(mechanism, request):
     """A sweep row's fake-tensor prediction equals its measured tracker peak, byte for byte: both are taken in
     one fresh child process, as in every sweep (the prediction first, then the real warm call)."""

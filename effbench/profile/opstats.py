@@ -36,6 +36,20 @@ def count_ops(fn: Callable[[], Any]) -> OpCounter:
     return counter
 
 
+def count_case_ops(case) -> int:
+    """The aten ops one call of ``case`` dispatches (one kernel launch each on a GPU), counted on fake tensors
+    after a warm call: nothing of size N is allocated, so N = 1M costs no memory. The module is built for real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..workload import build_module, make_call
+
+    module, _ = build_module(case)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        _, call = make_call(case, module)
+        call()  # warm: lazily built buffers are not part of a call
+        return count_ops(call).total
+
+
 # --------------------------------------------------------------------------- profiler
 
 def activities(cuda: bool) -> list:

@@ -1,0 +1,36 @@
+"""One byte budget for the live temporaries of a blocked kernel, so that blocks are sized by bytes, not rows.
+
+A kernel that goes over the sequence in row blocks (features of a block, chunk scores, band scores, hash
+rotations) keeps at most :func:`temp_budget` bytes of such temporaries alive at once. The number of rows per block
+is the budget divided by what one row costs (:func:`rows_within`), so the number of dispatched ops per call is a
+constant plus N / rows, with rows in the thousands at the default sizes, and peak memory is the inputs and output
+(linear in N) plus at most the budget.
+
+Why bytes and why two sizes: every op is a kernel launch on a GPU (several µs each), so a GPU wants few, large
+blocks; its memory is large and fast, so 1 GiB of temporaries costs little. On a CPU a block's temporaries should
+stay near the last-level cache and far below RAM, and Python's per-op overhead is smaller than a launch, so 64 MiB.
+Fake tensors (``effbench estimate``) carry their device, so a prediction uses the budget of the device it predicts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MiB = 1 << 20
+CPU_TEMP_BYTES = 64 * MiB
+CUDA_TEMP_BYTES = 1024 * MiB
+
+
+def temp_budget(device: torch.device | str) -> int:
+    """Bytes of live temporaries a blocked kernel may hold on ``device``: 1 GiB on CUDA, 64 MiB elsewhere."""
+    return CUDA_TEMP_BYTES if torch.device(device).type == "cuda" else CPU_TEMP_BYTES
+
+
+def rows_within(budget: int, row_bytes: int, n: int, multiple: int = 1) -> int:
+    """Rows per block so that ``rows · row_bytes ≤ budget``: a multiple of ``multiple`` (at least one multiple),
+    and no more than ``n`` rounded up to that multiple."""
+    rows = max(1, budget // max(1, row_bytes))
+    rows = max(multiple, (rows // multiple) * multiple)
+    return min(rows, multiple * math.ceil(n / multiple))
