@@ -55,7 +55,7 @@ SWEEP_COLUMNS = [("mechanism", "left", None), ("knobs", "left", None), ("N", "ri
                  ("read GB/s", "right", "read_gbps"),
                  ("peak tensors", "right", "peak_tensor_bytes"), ("peak RSS", "right", "rss_peak_bytes"),
                  ("CUDA alloc", "right", "peak_alloc_bytes"), ("NVML", "right", "nvml_peak_bytes"),
-                 ("FLOPs", "right", "flops")]
+                 ("FLOPs", "right", "flops"), ("ops", "right", "ops")]
 
 
 def sweep_table(rows: Iterable, title: str) -> Table:
@@ -81,7 +81,7 @@ def sweep_table(rows: Iterable, title: str) -> Table:
             "read GB/s": "—" if r.get("read_gbps") is None else f"{r.get('read_gbps'):.2f}",
             "peak tensors": fmt_bytes(r.get("peak_tensor_bytes")), "peak RSS": fmt_bytes(r.get("rss_peak_bytes")),
             "CUDA alloc": fmt_bytes(r.get("peak_alloc_bytes")), "NVML": fmt_bytes(r.get("nvml_peak_bytes")),
-            "FLOPs": fmt_flops(r.get("flops")),
+            "FLOPs": fmt_flops(r.get("flops")), "ops": "—" if r.get("ops") is None else f"{r.get('ops'):,}",
         }
         table.add_row(*[cells[name] for name, _, _ in columns])
     return table
@@ -97,7 +97,7 @@ def estimate_table(rows: Iterable) -> Table:
     table = Table(title=title)
     cols = [("mechanism", "left"), ("knobs", "left"), ("N", "right")]
     cols += [("state", "right"), ("state declared", "right"), ("step peak", "right")] if decode else [("predicted peak", "right")]
-    cols += [("params", "right"), ("FLOPs", "right"), ("status", "left")]
+    cols += [("params", "right"), ("FLOPs", "right"), ("ops", "right"), ("status", "left")]
     for col, just in cols:
         table.add_column(col, justify=just)
     for r in rows:
@@ -105,7 +105,7 @@ def estimate_table(rows: Iterable) -> Table:
         memory = ([fmt_bytes(r.get("predicted_state_bytes")), fmt_bytes(r.get("state_bytes_analytic"))] if decode else [])
         table.add_row(r.get("mechanism"), _knobs_of(r), f"{r.get('n'):,}", *memory, fmt_bytes(r.get("predicted_bytes")),
                       fmt_bytes(r.get("param_bytes")), fmt_flops(r.get("flops")),
-                      styled(status) + (f" {r.get('error')[:60]}" if r.get("error") else ""))
+                      "—" if r.get("ops") is None else f"{r.get('ops'):,}", styled(status) + (f" {r.get('error')[:60]}" if r.get("error") else ""))
     return table
 
 

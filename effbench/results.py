@@ -29,7 +29,7 @@ from .status import Status
 INT_COLUMNS = ["n", "batch", "heads", "head_dim", "seed", "decode_steps", "repeats", "state_bytes",
                "state_bytes_analytic", "predicted_state_bytes", "read_bytes", "peak_alloc_bytes", "peak_reserved_bytes",
                "nvml_peak_bytes", "nvml_process_peak_bytes", "peak_tensor_bytes", "rss_peak_bytes",
-               "predicted_bytes", "param_bytes", "flops"]
+               "predicted_bytes", "param_bytes", "flops", "ops"]
 
 
 class ResultsError(ValueError):
@@ -63,6 +63,7 @@ class CaseResult:
     read_gbps: float | None = None  # decode: read_bytes / time_ms_per_token, GB/s (10⁹ bytes per second)
     param_bytes: int | None = None
     flops: int | None = None
+    ops: int | None = None  # aten ops one call (decode: one step) dispatches, a kernel launch each on a GPU (tracked pass)
     flops_source: str | None = None
     build_ms: float | None = None
     wall_s: float | None = None  # the case's wall time in its child, seconds (the fork server's start-up excluded)

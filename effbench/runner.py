@@ -90,6 +90,7 @@ class Prediction:
     flops: tuple[int, list[str]] | None = None
     error: str | None = None  # why there is no prediction (the case is then measured for real)
     state_bytes: int | None = None  # decode: the state after the context, on fake tensors
+    ops: int | None = None  # aten ops the tracked fake call dispatched (what the real call dispatches)
 
 
 def predict(case: Case) -> Prediction:
@@ -111,12 +112,13 @@ def predict(case: Case) -> Prediction:
         inputs, call = workload.make_call(case, module)
         input_bytes = int(sum(t.untyped_storage().nbytes() for t in inputs)) + params
         call()  # warm, as the real passes measure a warm call: lazily built state is not part of the peak
-        peak, _ = memory.tracked_peak(call)
+        tracker, _ = memory.track(call)
         try:
             counted = flop_counter.count_flops(call)
         except Exception:  # FLOPs are counted for real later
             counted = None
-    return Prediction(predicted_bytes=int(peak), param_bytes=params, input_bytes=input_bytes, flops=counted)
+    return Prediction(predicted_bytes=int(tracker.peak), param_bytes=params, input_bytes=input_bytes, flops=counted,
+                      ops=tracker.ops)
 
 
 def predict_decode(case: Case) -> Prediction:
@@ -130,13 +132,13 @@ def predict_decode(case: Case) -> Prediction:
         w = decoding.decode_workload(case, module)
         held, _ = w.fill()
         w.step()  # warm
-        peak, _ = memory.tracked_peak(w.step)
+        tracker, _ = memory.track(w.step)
         try:
             counted = flop_counter.count_flops(w.step)
         except Exception:
             counted = None
-    return Prediction(predicted_bytes=int(peak), param_bytes=w.param_bytes, input_bytes=w.input_bytes() + held,
-                      flops=counted, state_bytes=held)
+    return Prediction(predicted_bytes=int(tracker.peak), param_bytes=w.param_bytes, input_bytes=w.input_bytes() + held,
+                      flops=counted, state_bytes=held, ops=tracker.ops)
 
 
 class _Readings:
@@ -173,7 +175,7 @@ def _measure(case: Case, opts: RunOptions, report: Report) -> None:
     w = workload.prepare(case)
     _report_build(w, report)
     if opts.time:
-        t = _time_stage(case, w.call, opts.warmup, opts.repeats, opts.min_time)
+        t = _time_stage(case, w.call, opts.warmup, opts.repeats, opts.min_time, opts.flush_l2)
         report({"time_ms_median": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer})
         readings.took("time")
     elif opts.memory:
@@ -203,7 +205,7 @@ def _measure_decode(spec, case: Case, opts: RunOptions, report: Report, readings
     if opts.memory:  # the step right after the warm one, as the prediction tracks it: a step's peak grows with its position
         _memory_stage(case, w.step, report, readings)
     if opts.time:
-        t = _time_stage(case, w.step, 0, case.decode_steps, None)
+        t = _time_stage(case, w.step, 0, case.decode_steps, None, opts.flush_l2)
         report({"time_ms_per_token": t.median_ms, "time_ms_iqr": t.iqr_ms, "repeats": t.repeats, "timer": t.timer,
                 "read_gbps": decoding.read_gbps(fields["read_bytes"], t.median_ms)})
         readings.took("time")
@@ -259,7 +261,8 @@ def _predict_stage(case: Case, report: Report, readings: _Readings,
 
 def _report_prediction(spec, case: Case, pred: Prediction, report: Report) -> None:
     """The end of a prediction-only case (``effbench estimate``): its status and the FLOPs counted on fake tensors."""
-    report({"status": Status.OK if pred.predicted_bytes is not None else Status.ERROR, "error": pred.error})
+    report({"status": Status.OK if pred.predicted_bytes is not None else Status.ERROR, "error": pred.error,
+            "ops": pred.ops})
     if pred.flops is not None:
         report(_flops_fields(spec, case, *pred.flops))
 
@@ -279,18 +282,20 @@ def _report_build(w: workload.Workload | decoding.DecodeWorkload, report: Report
 
 
 def _time_stage(case: Case, call: Callable[[], Any], warmup: int, repeats: int,
-                min_time: float | None) -> timing.Timing:
-    """Median/IQR of ``call``: CUDA events on a GPU, perf_counter on the CPU."""
+                min_time: float | None, flush_l2: bool = True) -> timing.Timing:
+    """Median/IQR of ``call``: CUDA events on a GPU (L2 flushed before each sample unless ``flush_l2`` is off),
+    perf_counter on the CPU."""
     if is_cuda(case.device):
         return timing.time_cuda(call, warmup=warmup, repeats=repeats, min_time=min_time,
-                                device=torch.device(case.device))
+                                device=torch.device(case.device), flush_l2=flush_l2)
     return timing.time_cpu(call, warmup=warmup, repeats=repeats, min_time=min_time)
 
 
 def _memory_stage(case: Case, call: Callable[[], Any], report: Report, readings: _Readings) -> None:
-    """The tracker pass, then the CUDA allocator + NVML pass on a GPU, or the RSS pass on the CPU."""
-    peak, _ = memory.tracked_peak(call)
-    report({"peak_tensor_bytes": int(peak)})
+    """The tracker pass (peak tensor bytes and the ops dispatched), then the CUDA allocator + NVML pass on a GPU, or
+    the RSS pass on the CPU."""
+    tracker, _ = memory.track(call)
+    report({"peak_tensor_bytes": int(tracker.peak), "ops": tracker.ops})
     readings.took("tracker")
     if is_cuda(case.device):
         _cuda_memory_stage(torch.device(case.device), call, report, readings)

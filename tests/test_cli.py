@@ -76,8 +76,10 @@ def test_sweep_writes_rows_and_sidecar(tmp_path):
     assert (df["time_ms_median"] > 0).all() and (df["repeats"] == 2).all()
     assert (df["flops"] == 4 * 2 * df["n"] ** 2 * 16).all()
     assert set(df["flops_source"]) == {"FlopCounterMode"}
+    assert (df["ops"] > 0).all() and df.groupby("mechanism")["ops"].nunique().eq(1).all()  # same ops at 64 and 128
     side = results.sidecar_path(out).read_text()
     assert '"torch"' in side and '"command"' in side and '"nvml": false' in side
+    assert '"float32_matmul_precision": "highest"' in side and '"cuda_matmul_allow_tf32": false' in side
     assert "written to" in r.output
 
 

@@ -215,10 +215,47 @@ def test_cuda_event_timing_median_and_iqr():
     def fn():
         FakeEvent.clock[0] += next(samples_ms)  # the work "takes" this many ms between the two records
 
-    t = time_cuda(fn, warmup=0, repeats=5, cuda=Cuda(log))
-    assert t.timer == "cuda-events" and t.repeats == 5
+    t = time_cuda(fn, warmup=0, repeats=5, cuda=Cuda(log), flush_l2=False)
+    assert t.timer == "cuda-events+l2-warm" and t.repeats == 5
     assert abs(t.median_ms - 30.0) < 1e-9
     assert abs(t.iqr_ms - 20.0) < 1e-9  # quartiles 20 and 40
+
+
+def test_cuda_l2_flush_runs_before_each_sample_outside_the_events():
+    """The flush comes before each sample's start event (so a flush that 'takes' 1000 ms is not in any sample), and
+    not during warm-up; the timer label says L2 was flushed."""
+    samples_ms = iter([10.0, 30.0, 20.0])
+    order = []
+
+    class Cuda(FakeCuda):
+        Event = FakeEvent
+
+    def flush():
+        order.append("flush")
+        FakeEvent.clock[0] += 1000.0
+
+    def fn():
+        order.append("call")
+        FakeEvent.clock[0] += next(samples_ms, 5.0)
+
+    t = time_cuda(fn, warmup=1, repeats=3, cuda=Cuda([]), flush=flush)
+    assert order == ["call"] + ["flush", "call"] * 3  # the warm-up call is not flushed before
+    assert t.timer == "cuda-events+l2-flush" and t.samples_ms == [30.0, 20.0, 5.0]
+
+
+def test_l2_flush_buffer_is_larger_than_l2():
+    """Twice the device's L2_cache_size, at least 256 MiB (triton's do_bench buffer); built on the given device (meta
+    here: nothing allocated)."""
+    from effbench.measure.timing import l2_flush, l2_flush_bytes
+
+    def cuda_with(l2):
+        return type("C", (), {"get_device_properties": staticmethod(lambda d: type("P", (), {"L2_cache_size": l2})())})()
+
+    assert l2_flush_bytes(cuda=cuda_with(40 << 20)) == 256 << 20  # A100: 40 MiB
+    assert l2_flush_bytes(cuda=cuda_with(200 << 20)) == 400 << 20
+    assert l2_flush_bytes(cuda=type("C", (), {"get_device_properties": staticmethod(lambda d: object())})()) == 256 << 20
+    flush = l2_flush("meta", cuda_with(200 << 20))
+    assert flush.__self__.numel() * 4 == 400 << 20 and flush.__self__.dtype == torch.int32
 
 
 def test_nvml_sampler_finds_the_device_by_uuid_then_index():
@@ -272,6 +309,8 @@ def test_runner_cuda_branch_end_to_end_with_fakes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"uuid": "abcd"})())
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    import effbench.measure.timing as timing_mod
+    monkeypatch.setattr(timing_mod, "l2_flush", lambda device, cuda: lambda: log.append(f"l2 flush {device}"))
 
     class Nvml(FakeNvml):
         def nvmlShutdown(self):
@@ -288,7 +327,29 @@ def test_runner_cuda_branch_end_to_end_with_fakes(monkeypatch):
     assert row["status"] == "ok"
     assert log[0] == "set_device cuda:1"
     assert (row["peak_alloc_bytes"], row["peak_reserved_bytes"]) == (1000, 2000)  # from FakeCuda's script
-    assert row["timer"] == "cuda-events" and row["repeats"] == 3
+    assert row["timer"] == "cuda-events+l2-flush" and row["repeats"] == 3
+    assert log.count("l2 flush cuda:1") == 3  # once before each timed sample
+    assert row["ops"] > 0  # the ops the tracked call dispatched
     assert row["nvml_peak_bytes"] == 0 and row["readings"] == "time+tracker+cuda-allocator+nvml+flops"
     assert row["peak_tensor_bytes"] > 0 and row["flops"] == 4 * 2 * 64 * 64 * 16
     assert log[-1] == "nvmlShutdown" and "rss_peak_bytes" not in row
+
+    log.clear()
+    warm = {}
+    _measure(case, RunOptions(warmup=1, repeats=3, predict=False, flush_l2=False), warm.update)  # --no-flush-l2
+    assert warm["timer"] == "cuda-events+l2-warm" and not any(e.startswith("l2 flush") for e in log)
+
+
+def test_matmul_precision_is_what_torch_has_in_force():
+    """The sidecar's matmul precision follows torch's setting (here changed and restored)."""
+    from effbench.measure.env import matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert matmul_precision()["float32_matmul_precision"] == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    got = matmul_precision()
+    assert got["float32_matmul_precision"] == before
+    assert got["cuda_matmul_allow_tf32"] is bool(torch.backends.cuda.matmul.allow_tf32)

@@ -74,7 +74,29 @@ def environment(command: list[str] | None = None) -> dict[str, Any]:
         "memory_total_bytes": mem_total(),
     }
     env.update(gpu_info())
+    env.update(matmul_precision())
     return env
+
+
+def matmul_precision() -> dict[str, Any]:
+    """The float32 matmul precision in force, for the sidecar: fp32 numbers mean little without it (TF32 on an
+    Ampere+ GPU rounds fp32 matmul inputs to 10 mantissa bits). ``torch.get_float32_matmul_precision()`` ("highest":
+    full fp32, "high": TF32 allowed, "medium": bf16 allowed), the TF32 flags of cuBLAS and cuDNN, the reduced-precision
+    reductions of fp16/bf16 GEMMs, and the newer per-backend ``fp32_precision`` settings ("none" = not set)."""
+    b = torch.backends
+    found: dict[str, Any] = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": bool(b.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(b.cudnn.allow_tf32),
+        "cuda_matmul_allow_fp16_reduced_precision_reduction": bool(b.cuda.matmul.allow_fp16_reduced_precision_reduction),
+        "cuda_matmul_allow_bf16_reduced_precision_reduction": bool(b.cuda.matmul.allow_bf16_reduced_precision_reduction),
+    }
+    for name, obj in (("fp32_precision", b), ("cuda_matmul_fp32_precision", b.cuda.matmul),
+                      ("cudnn_fp32_precision", b.cudnn), ("mkldnn_fp32_precision", b.mkldnn)):
+        value = getattr(obj, "fp32_precision", None)
+        if value is not None:
+            found[name] = str(value)
+    return found
 
 
 def _meminfo(field: str) -> int | None:
