@@ -118,7 +118,7 @@ def predict(case: Case) -> Prediction:
         except Exception:  # FLOPs are counted for real later
             counted = None
     return Prediction(predicted_bytes=int(tracker.peak), param_bytes=params, input_bytes=input_bytes, flops=counted,
-                      ops=tracker.ops)
+                      ops=tracker.dispatched)
 
 
 def predict_decode(case: Case) -> Prediction:
@@ -138,7 +138,7 @@ def predict_decode(case: Case) -> Prediction:
         except Exception:
             counted = None
     return Prediction(predicted_bytes=int(tracker.peak), param_bytes=w.param_bytes, input_bytes=w.input_bytes() + held,
-                      flops=counted, state_bytes=held, ops=tracker.ops)
+                      flops=counted, state_bytes=held, ops=tracker.dispatched)
 
 
 class _Readings:
@@ -295,7 +295,7 @@ def _memory_stage(case: Case, call: Callable[[], Any], report: Report, readings:
     """The tracker pass (peak tensor bytes and the ops dispatched), then the CUDA allocator + NVML pass on a GPU, or
     the RSS pass on the CPU."""
     tracker, _ = memory.track(call)
-    report({"peak_tensor_bytes": int(tracker.peak), "ops": tracker.ops})
+    report({"peak_tensor_bytes": int(tracker.peak), "ops": tracker.dispatched})
     readings.took("tracker")
     if is_cuda(case.device):
         _cuda_memory_stage(torch.device(case.device), call, report, readings)

@@ -14,7 +14,9 @@ Fake tensors (``effbench estimate``) carry their device, so a prediction uses th
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -23,9 +25,25 @@ CPU_TEMP_BYTES = 64 * MiB
 CUDA_TEMP_BYTES = 1024 * MiB
 
 
+_SIZED_FOR: str | None = None  # set by sized_for(): blocks sized as on that device type, whatever the tensors'
+
+
 def temp_budget(device: torch.device | str) -> int:
     """Bytes of live temporaries a blocked kernel may hold on ``device``: 1 GiB on CUDA, 64 MiB elsewhere."""
-    return CUDA_TEMP_BYTES if torch.device(device).type == "cuda" else CPU_TEMP_BYTES
+    kind = _SIZED_FOR or torch.device(device).type
+    return CUDA_TEMP_BYTES if kind == "cuda" else CPU_TEMP_BYTES
+
+
+@contextlib.contextmanager
+def sized_for(device_type: str) -> Iterator[None]:
+    """Inside, blocks are sized with ``device_type``'s budget whatever device the tensors are on: how the ops a GPU
+    call dispatches are counted on a machine without one (fake CPU tensors, the CUDA blocking)."""
+    global _SIZED_FOR
+    before, _SIZED_FOR = _SIZED_FOR, device_type
+    try:
+        yield
+    finally:
+        _SIZED_FOR = before
 
 
 def rows_within(budget: int, row_bytes: int, n: int, multiple: int = 1) -> int:

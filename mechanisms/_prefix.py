@@ -1,6 +1,6 @@
-"""Kernelised attention in O(N): the Q(KᵀV) reordering shared by `linear` and `performer`.
+"""Kernelised attention in O(N): the Q(KᵀV) reordering shared by `linear`, `performer` and `cosformer`.
 
-Given feature maps φ_q, φ_k: ℝ^D → ℝ^F with positive values,
+Given feature maps φ_q, φ_k: ℝ^D → ℝ^F with non-negative values,
 
     out_i = φ_q(q_i)ᵀ S_i / (φ_q(q_i)ᵀ z_i + eps),   S_i = Σ_{j∈V(i)} φ_k(k_j) v_jᵀ,   z_i = Σ_{j∈V(i)} φ_k(k_j)
 
@@ -11,41 +11,62 @@ numerator and the denominator together.
 - Bidirectional: one pass over key blocks accumulates the state (:func:`key_state`), one
   pass over query blocks reads it (:func:`read_state`): 4·N·F·(D+1) FLOPs per head.
 - Causal, by chunks of C positions (:func:`causal_attention`): inside a chunk a masked C×C
-  block, tril(φ_q(Q_c) φ_k(K_c)ᵀ) [V_c 1]; across chunks the carried state of all earlier
-  chunks, φ_q(Q_c) S_<c. The chunk states of a block of rows are combined into exclusive
-  prefixes by one small product with a constant (nc+1)×nc lower-triangular matrix of ones
-  (nc ≤ MAX_CHUNKS_PER_BLOCK chunks per block), never by a cumulative sum over N per-position
-  F×D outer products.
+  block, tril(φ_q(Q_c) φ_k(K_c)ᵀ) [V_c 1]; across chunks the state of all earlier chunks,
+  φ_q(Q_c) S_<c. The chunk states U_c = φ_k(K_c)ᵀ [V_c 1] of a block become the exclusive
+  prefixes S_<c by one cumulative sum over the block's chunks (minus U_c, plus the state carried
+  from earlier blocks), never by a cumulative sum over N per-position F×(D+1) outer products.
 
-Rows go in blocks of about a million elements, so features, C×C blocks and partial results
-stay cache-sized and the features never exist for the whole sequence at once. Under
-``torch.no_grad()`` each block's result is written straight into the output; with autograd
-the blocks are concatenated. Every product is a ``bmm``/``baddbmm``/``matmul``, so
-FlopCounterMode counts all of the arithmetic that matters.
+Blocks are sized in bytes (:mod:`mechanisms._budget`): rows per block = temp_budget(device) // (bytes of
+live temporaries one row costs), each pass stating its cost, so one call dispatches a constant plus a few
+ops per block of thousands of rows, and peak memory is the inputs and output plus at most the budget (the
+state and the carried totals are O(F·D), not O(N)). Under ``torch.no_grad()`` each block's result is
+written straight into the output; with autograd the blocks are concatenated (and autograd keeps each
+block's tensors for the backward: linear in N, not bounded by the budget). Feature maps get the block
+and its first position (cosFormer's features depend on the position). Every product is a
+``bmm``/``baddbmm``, so FlopCounterMode counts all of the products; the cumulative sums of the causal
+form are additions it does not count, 4·F·(D+1)/C per position against 4·F·(D+1) + 2·C·(F + D+1) in
+products (under 1/C of them: 0.8% for linear at C = 64).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # (G, L, D) -> (G, L, F), a fresh tensor
+from ._budget import rows_within, temp_budget
 
-BLOCK_ELEMENTS = 1 << 20  # elements of the widest per-block temporary, (G, L, max(F, C))
-MAX_CHUNKS_PER_BLOCK = 32  # bounds the prefix product at 2·(nc+1)·F·(D+1)/C FLOPs per position
+FeatureMap = Callable[[torch.Tensor, int], torch.Tensor]  # (block (G, L, D), its first position) -> (G, L, F)
+PairFeatures = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (q, k, start)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+BLOCK_ELEMENTS: int | None = None  # tests only: blocks of this many elements of (G, L, width), not the byte budget
 
 
-def block_rows(n: int, groups: int, width: int, chunk: int = 1) -> int:
-    """Rows per block: about BLOCK_ELEMENTS elements of (G, L, width), a multiple of ``chunk``, at most
-    MAX_CHUNKS_PER_BLOCK chunks (when chunk > 1) and no more than the (padded) sequence."""
-    rows = max(1, BLOCK_ELEMENTS // max(1, groups * width))
-    rows = max(chunk, (rows // chunk) * chunk)
-    if chunk > 1:
-        rows = min(rows, MAX_CHUNKS_PER_BLOCK * chunk)
-    return min(rows, chunk * math.ceil(n / chunk))
+def block_rows(n: int, row_bytes: int, device: torch.device | str, multiple: int = 1, *, elements: int) -> int:
+    """Rows per block: ``temp_budget(device) // row_bytes`` (a multiple of ``multiple``, no more than the padded
+    sequence), ``row_bytes`` being the live temporaries of one row. With :data:`BLOCK_ELEMENTS` set (tests, so
+    that small sizes run several blocks), ``BLOCK_ELEMENTS // elements`` rows instead, ``elements`` being one
+    row of the block's widest temporary."""
+    budget = temp_budget(device) if BLOCK_ELEMENTS is None else BLOCK_ELEMENTS * row_bytes // max(1, elements)
+    return rows_within(budget, row_bytes, n, multiple)
+
+
+def blocks(rows: int, *tensors: torch.Tensor | None):
+    """(start, the block of each tensor) along dim 1, ``rows`` at a time, by one split per tensor (None stays None).
+    A split, not narrow or indexing: under autograd its gradient is one concatenation after the last block,
+    where each narrowed block's gradient would be a zero-filled tensor of the whole sequence."""
+    n = next(t for t in tensors if t is not None).shape[1]
+    count = -(-n // rows)
+    parts = [[None] * count if t is None else t.split(rows, dim=1) for t in tensors]
+    return zip(range(0, n, rows), *parts)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums over positions are taken in: float32 for fp16/bf16 (a prefix or key sum overflows fp16)."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def tracks_grad(*tensors: torch.Tensor) -> bool:
@@ -59,113 +80,120 @@ def ones_column(v: torch.Tensor) -> torch.Tensor:
 
 
 def normalise(nd: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[numerator | denominator] (G, L, D+1) -> numerator / (denominator + eps) (G, L, D)."""
-    num, den = nd[..., :-1], nd[..., -1:]
+    """[numerator | denominator] (G, L, D+1) -> numerator / (denominator + eps) (G, L, D), into ``out`` if given
+    (cast to its dtype: fp16/bf16 outputs of a float32 computation)."""
+    num, den = nd.split([nd.shape[-1] - 1, 1], dim=-1)  # (G, L, D), (G, L, 1)
     if eps:
         den = den + eps
-    if num.dtype in (torch.float16, torch.bfloat16):
+    if num.dtype in LOW_PRECISION:
         # divide in float32: the gradient -num/den² overflows fp16 for den > 256 (inf·0 = NaN)
         res = (num.float() / den.float()).to(num.dtype)  # (G, L, D)
         return res if out is None else out.copy_(res)
-    return num / den if out is None else torch.div(num, den, out=out)
+    if out is None:
+        return num / den
+    return torch.div(num, den, out=out) if out.dtype == num.dtype else out.copy_(num / den)
 
 
-def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, feature_q: FeatureMap,
-                     feature_k: FeatureMap, width: int, causal: bool, chunk: int, eps: float) -> torch.Tensor:
-    """φ_q(Q)(φ_k(K)ᵀ[V 1]) normalised, in O(N) time and memory; q, k, v (B, H, N, D) -> (B, H, N, D).
+def key_state(k: torch.Tensor, v: torch.Tensor, *, feature_k: FeatureMap, feature_floats: int,
+              work: torch.dtype | None = None) -> torch.Tensor:
+    """Σ_j φ_k(k_j) [v_j 1]ᵀ over all positions, block by block: (G, N, D) -> (G, F, D+1), in ``work`` dtype
+    (default: k's).
 
-    ``width`` is F, the number of features; ``chunk`` is C (causal only); ``eps`` is added
-    to the denominator.
-    """
-    b, h, n, d = q.shape
-    q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, k, v))  # (G, N, D)
-    if causal:
-        out = causal_attention(q3, k3, v3, feature_q=feature_q, feature_k=feature_k, width=width,
-                               chunk=chunk, eps=eps)
-    else:
-        state = key_state(k3, v3, feature_k=feature_k, width=width)
-        out = read_state(q3, state, feature_q=feature_q, width=width, eps=eps, grad=tracks_grad(q, k, v))
-    return out.view(b, h, n, d)
-
-
-def key_state(k: torch.Tensor, v: torch.Tensor, *, feature_k: FeatureMap, width: int) -> torch.Tensor:
-    """Σ_j φ_k(k_j) [v_j 1]ᵀ over all positions, block by block: (G, N, D) -> (G, F, D+1)."""
-    g, n, _ = k.shape
-    rows = block_rows(n, g, width)
+    One row costs G·(feature_floats + D+1) elements of live temporaries: φ_k of the block (``feature_floats``:
+    what the feature map holds at once per row, at least F) and [v 1]."""
+    g, n, d = k.shape
+    work = work or k.dtype
+    rows = block_rows(n, g * (feature_floats + d + 1) * work.itemsize, k.device, elements=g * feature_floats)
     state = None
-    for s in range(0, n, rows):
-        fkt = feature_k(k[:, s:s + rows]).transpose(1, 2)  # (G, F, L)
-        v1 = ones_column(v[:, s:s + rows])  # (G, L, D+1)
+    for s, kb, vb in blocks(rows, k, v):
+        fkt = feature_k(kb.to(work), s).transpose(1, 2)  # (G, F, L)
+        v1 = ones_column(vb.to(work))  # (G, L, D+1)
         state = torch.bmm(fkt, v1) if state is None else torch.baddbmm(state, fkt, v1)  # (G, F, D+1)
+        del fkt, v1  # before the next block's are made
     return state
 
 
-def read_state(q: torch.Tensor, state: torch.Tensor, *, feature_q: FeatureMap, width: int, eps: float,
-               grad: bool) -> torch.Tensor:
-    """φ_q(q_i)ᵀ [S z] normalised for every query, block by block: (G, N, D), (G, F, D+1) -> (G, N, D)."""
-    g, n, d = q.shape
-    rows = block_rows(n, g, width)
-    out = None if grad else q.new_empty(g, n, d)
+def read_state(q: torch.Tensor, state: torch.Tensor, *, feature_q: FeatureMap, feature_floats: int, eps: float,
+               grad: bool, norm: Callable = normalise) -> torch.Tensor:
+    """φ_q(q_i)ᵀ [S z] normalised for every query, block by block: q (Gk·Gq, N, D), the Gq query heads of each
+    of the Gk states (Gk, F, D+1) in turn -> (Gk·Gq, N, D), in q's dtype. ``norm(nd, eps, out)`` divides.
+
+    One row costs Gk·Gq·(feature_floats + D+2) elements of live temporaries: φ_q of the block, the product
+    [num | den] and den + eps; the quotient goes straight into the output (no grad)."""
+    gq, n, d = q.shape
+    gk, f, d1 = state.shape
+    rows = block_rows(n, gq * (feature_floats + d1 + 1) * state.dtype.itemsize, q.device,
+                      elements=gq * feature_floats)
+    out = None if grad else q.new_empty(gq, n, d)
     parts = []
-    for s in range(0, n, rows):
-        nd = torch.bmm(feature_q(q[:, s:s + rows]), state)  # (G, L, D+1)
-        parts.append(normalise(nd, eps, None if out is None else out[:, s:s + rows]))
-    return torch.cat(parts, dim=1) if out is None else out
+    for s, qb, ob in blocks(rows, q, out):
+        fq = feature_q(qb.to(state.dtype), s)  # (Gk·Gq, L, F)
+        nd = torch.bmm(fq.view(gk, -1, f), state).view(gq, qb.shape[1], d1)  # (Gk, Gq·L, D+1) -> (Gk·Gq, L, D+1)
+        parts.append(norm(nd, eps, ob))
+        del fq, nd  # before the next block's are made
+    return torch.cat(parts, dim=1).to(q.dtype) if out is None else out
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, feature_q: FeatureMap,
-                     feature_k: FeatureMap, width: int, chunk: int, eps: float) -> torch.Tensor:
+def causal_row_elements(width: int, head_dim: int, chunk: int) -> int:
+    """Live temporaries of one row of :func:`causal_attention`, in elements per group: φ_q and φ_k (2F), [v 1],
+    the masked block's product and the [num | den] sum (3(D+1)), the C×C scores (C), den + eps (1), the chunk
+    states and their exclusive prefixes (F·(D+1) per chunk of C rows each)."""
+    return 2 * width + 3 * (head_dim + 1) + chunk + 1 + math.ceil(2 * width * (head_dim + 1) / chunk)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features: PairFeatures, width: int,
+                     chunk: int, eps: float, norm: Callable = normalise) -> torch.Tensor:
     """Causal (j <= i) kernel attention by chunks of C: (G, N, D) each -> (G, N, D).
 
-    fp16/bf16 inputs are computed in float32 (as performer-pytorch does for its causal
-    form): the carried prefix state sums over all earlier keys and its gradients overflow fp16.
+    ``features(q_block, k_block, start)`` gives φ_q, φ_k (G, L, F) of a block starting at position ``start``;
+    ``norm(nd, eps, out)`` divides numerator by denominator. Rows per block: the budget over G·
+    :func:`causal_row_elements` elements, a multiple of C. fp16/bf16 blocks are computed in float32 (as
+    performer-pytorch does for its causal form): the carried prefix state sums over all earlier keys and its
+    gradients overflow fp16.
     """
-    if q.dtype in (torch.float16, torch.bfloat16):
-        low = q.dtype
-        return causal_attention(q.float(), k.float(), v.float(), feature_q=feature_q, feature_k=feature_k,
-                                width=width, chunk=chunk, eps=eps).to(low)
+    low = q.dtype
+    work = work_dtype(low)
     g, n, d = q.shape
-    c = chunk
-    rows = block_rows(n, g, max(width, c), c)
-    nc_max = rows // c
-    # prefix[i, j] = 1 for j < i: rows 0..nc-1 give the exclusive prefix of each chunk, row nc the total.
-    prefix = torch.ones(nc_max + 1, nc_max, dtype=q.dtype, device=q.device).tril_(-1)  # (nc+1, nc)
-    state = q.new_zeros(g, 1, width * (d + 1))  # (G, 1, F·(D+1)): [S | z] of all earlier blocks
+    c, f, d1 = chunk, width, d + 1
+    wide = f * d1
+    row_bytes = g * causal_row_elements(f, d, c) * work.itemsize
+    rows = block_rows(n, row_bytes, q.device, c, elements=g * max(f, c))
+    state = q.new_zeros(g, 1, wide, dtype=work)  # (G, 1, F·(D+1)): [S | z] of all earlier blocks
     grad = tracks_grad(q, k, v)
     out = None if grad else q.new_empty(g, n, d)
     parts = []
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        length = e - s
-        nc = math.ceil(length / c)
+    for s, qb, kb, vb, ob in blocks(rows, q, k, v, out):
+        length = qb.shape[1]
+        nc = -(-length // c)
         pad = nc * c - length
-        fq = feature_q(q[:, s:e])  # (G, L, F)
-        fk = feature_k(k[:, s:e])  # (G, L, F)
-        v1 = ones_column(v[:, s:e])  # (G, L, D+1)
+        fq, fk = features(qb.to(work), kb.to(work), s)  # (G, L, F) each
+        v1 = ones_column(vb.to(work))  # (G, L, D+1)
         if pad:  # zero features: padded keys add nothing, padded queries are dropped
             fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
-        fq = fq.reshape(g * nc, c, width)  # (G·nc, C, F)
-        fkt = fk.reshape(g * nc, c, width).transpose(1, 2)  # (G·nc, F, C)
-        v1 = v1.reshape(g * nc, c, d + 1)  # (G·nc, C, D+1)
-        chunk_states = torch.bmm(fkt, v1).view(g, nc, width * (d + 1))  # (G, nc, F·(D+1))
-        before = torch.matmul(prefix[:nc + 1, :nc], chunk_states).add_(state)  # (G, nc+1, F·(D+1))
-        state = before[:, nc:]  # (G, 1, F·(D+1)), everything up to the end of this block
-        scores = torch.bmm(fq, fkt).tril_()  # (G·nc, C, C), j <= i inside the chunk
-        nd = torch.baddbmm(torch.bmm(scores, v1), fq, before[:, :nc].reshape(g * nc, width, d + 1))  # (G·nc, C, D+1)
-        nd = nd.view(g, nc * c, d + 1)[:, :length]  # (G, L, D+1)
-        parts.append(normalise(nd, eps, None if out is None else out[:, s:e]))
-    return torch.cat(parts, dim=1) if out is None else out
+        fq = fq.view(g * nc, c, f)  # (G·nc, C, F)
+        fkt = fk.view(g * nc, c, f).transpose(1, 2)  # (G·nc, F, C)
+        v1 = v1.view(g * nc, c, d1)  # (G·nc, C, D+1)
+        chunks = torch.bmm(fkt, v1).view(g, nc, wide)  # (G, nc, F·(D+1)): U_c
+        before = chunks.cumsum(dim=1).sub_(chunks).add_(state)  # (G, nc, F·(D+1)): S_<c, earlier blocks included
+        state = state + chunks.sum(dim=1, keepdim=True)  # (G, 1, F·(D+1)): everything up to the end of this block
+        del chunks
+        inner = torch.bmm(torch.bmm(fq, fkt).tril_(), v1)  # (G·nc, C, D+1): masked C×C block, j <= i in the chunk
+        nd = torch.baddbmm(inner, fq, before.view(g * nc, f, d1)).view(g, nc * c, d1)  # (G, nc·C, D+1): + φ_q S_<c
+        del inner
+        if pad:
+            nd = nd.narrow(1, 0, length)  # (G, L, D+1)
+        parts.append(norm(nd, eps, ob))
+        del fq, fk, fkt, v1, before, nd  # before the next block's are made
+    return torch.cat(parts, dim=1).to(low) if out is None else out
 
 
 def kernel_flops(*, groups: int, n: int, head_dim: int, width: int, causal: bool, chunk: int) -> int:
-    """FLOPs of the products in :func:`kernel_attention` (what FlopCounterMode counts there)."""
+    """FLOPs of the products of :func:`key_state` + :func:`read_state` (bidirectional) or
+    :func:`causal_attention` (what FlopCounterMode counts there). Causal, per chunk of C (padded: ⌈N/C⌉
+    chunks whatever the blocks): the chunk state and the read of S_<c, 2·C·F·(D+1) each, and the C×C
+    block, 2·C²·(F + D+1)."""
     d1 = head_dim + 1
     if not causal:
         return groups * 4 * n * width * d1
-    rows = block_rows(n, groups, max(width, chunk), chunk)
-    total = 0
-    for s in range(0, n, rows):
-        nc = math.ceil((min(n, s + rows) - s) / chunk)
-        per_chunk = 2 * chunk * width * d1 + 2 * chunk * chunk * (width + d1) + 2 * chunk * width * d1
-        total += nc * per_chunk + 2 * (nc + 1) * nc * width * d1
-    return groups * total
+    per_chunk = 4 * chunk * width * d1 + 2 * chunk * chunk * (width + d1)
+    return groups * math.ceil(n / chunk) * per_chunk

@@ -9,16 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._decode import grouped
-from ._prefix import block_rows, kernel_flops, ones_column, tracks_grad
+from ._prefix import (
+    causal_attention,
+    kernel_flops,
+    key_state,
+    ones_column,
+    read_state,
+    tracks_grad,
+    work_dtype,
+)
 from .base import KV_HEADS, Fidelity, Knob, causal_mask, register, repeat_kv
 
 EPS = 1e-6  # the paper's code: the denominator is clamped from below, max(Σ_j s_ij, 1e-6) (clamp_min, not + eps)
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype features and states are summed in: float32 for fp16/bf16, else ``dtype``."""
-    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def trig_table(start: int, stop: int, m: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -29,8 +31,9 @@ def trig_table(start: int, stop: int, m: int, dtype: torch.dtype, device: torch.
 
 def cos_features(x: torch.Tensor, trig: torch.Tensor) -> torch.Tensor:
     """φ(x_i) = [ReLU(x_i) cos a_i, ReLU(x_i) sin a_i]: x (..., L, D), ``trig`` (L, 2, 1) -> (..., L, 2D), a fresh
-    tensor (cos part in the first D features, sin part in the last D). With a_i ∈ [0, π/2) every feature is ≥ 0."""
-    return (F.relu(x).unsqueeze(-2) * trig).flatten(-2)  # (..., L, 2, D) -> (..., L, 2D)
+    tensor (cos part in the first D features, sin part in the last D). With a_i ∈ [0, π/2) every feature is ≥ 0.
+    cos, sin ≥ 0 there, so ReLU(x)·t = ReLU(x·t): the ReLU runs in place on the product (no D-wide temporary)."""
+    return (x.unsqueeze(-2) * trig).relu_().flatten(-2)  # (..., L, 2, D) -> (..., L, 2D)
 
 
 def normalise(nd: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,12 +84,17 @@ class CosformerAttention(nn.Module):
     sums have no cancellation. With M < N, keys M or more positions apart would get negative weights.
 
     Bidirectional: [S | z] = Σ_j φ(k_j) [v_j 1]ᵀ (2D×(D+1)) once, read by every query:
-    8·B·H·N·D·(D+1) FLOPs. Causal: chunks of C positions as mechanisms/_prefix.py's causal form (a masked C×C
-    block inside a chunk, the carried 2D×(D+1) state across chunks, exclusive prefixes of a block's chunk states
-    by one product with a lower-triangular matrix of ones; never a cumulative sum over N outer products), with
-    features that know their positions: ≈ B·H·N·(2·C·(3D+1) + 8·D·(D+1)) FLOPs. Features and the cos/sin
-    table are made block by block (rows of about a million elements); memory O(B·H·(N·D + N/C·D²)), no N×N
-    tensor. fp16/bf16 are summed in float32 (z grows with N).
+    8·B·H·N·D·(D+1) FLOPs. Causal: mechanisms/_prefix.py's chunked form (a masked C×C block inside a chunk,
+    the carried 2D×(D+1) state across chunks, exclusive prefixes of a block's chunk states by one cumulative
+    sum; never a cumulative sum over N outer products), the features told their block's first position:
+    B·H·⌈N/C⌉·(8·C·D·(D+1) + 2·C²·(3D+1)) FLOPs in products, plus 8·D·(D+1)/C uncounted additions per
+    position (the cumulative sums, under 1%). fp16/bf16 are summed in float32 (z grows with N).
+
+    Blocks (sized by the byte budget of mechanisms/_budget.py; features and the cos/sin table made block by
+    block): a row of the key pass costs G·(3D+1) elements of live temporaries (φ(k), [v 1]), of the read
+    G·(3D+2) (φ(q), [num | den], den + eps), causal G·(7D + 3 + C + 1 + ⌈4D(D+1)/C⌉) (φ(q), φ(k), [v 1],
+    two products, the C×C scores, den, the chunk states and their prefixes), plus 2 for the table; G = B·H (B·Hkv
+    for the key pass). Memory O(B·H·N·D) + the budget, no N×N tensor.
 
     Grouped-query (``kv_heads`` = Hkv < H): query head h uses kv head h // (H/Hkv). Bidirectional, φ(K) and
     [S | z] are made once per kv head and read by its H/Hkv query heads: 4·B·(H + Hkv)·N·D·(D+1) FLOPs. Causal,
@@ -147,71 +155,19 @@ class CosformerAttention(nn.Module):
     def _trig(self, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return trig_table(start, stop, self.m, dtype, device)  # (L, 2, 1)
 
-    # -- the two-term linear attention, block by block ----------------------------------------
+    # -- the two-term linear attention, block by block (mechanisms/_prefix.py) ---------------------
+    def _features(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """φ of a block of positions start.. start+L−1: (G, L, D) -> (G, L, 2D)."""
+        return cos_features(x, self._trig(start, start + x.shape[-2], x.dtype, x.device))
+
+    def _pair(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """φ(q), φ(k) of one causal block, one cos/sin table: (G, L, D) each -> (G, L, 2D) each."""
+        trig = self._trig(start, start + q.shape[-2], q.dtype, q.device)  # (L, 2, 1)
+        return cos_features(q, trig), cos_features(k, trig)
+
     def _key_state(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Σ_j φ(k_j) [v_j 1]ᵀ over positions 0..N−1, block by block: (G, N, D) each -> (G, 2D, D+1) (work dtype)."""
-        g, n, d = k.shape
-        work = work_dtype(k.dtype)
-        rows = block_rows(n, g, 2 * d)
-        state = None
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            fkt = cos_features(k[:, s:e].to(work), self._trig(s, e, work, k.device)).transpose(1, 2)  # (G, 2D, L)
-            v1 = ones_column(v[:, s:e].to(work))  # (G, L, D+1)
-            state = torch.bmm(fkt, v1) if state is None else torch.baddbmm(state, fkt, v1)  # (G, 2D, D+1)
-        return state
-
-    def _read(self, q: torch.Tensor, state: torch.Tensor, grad: bool) -> torch.Tensor:
-        """φ(q_i)ᵀ [S z] normalised for the G query heads of each kv head: q (B·Hkv, G, N, D), state
-        (B·Hkv, 2D, D+1) -> (B·Hkv, G, N, D)."""
-        gk, gq, n, d = q.shape
-        work = state.dtype
-        rows = block_rows(n, gk * gq, 2 * d)
-        out = None if grad else q.new_empty(gk, gq, n, d)
-        parts = []
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            fq = cos_features(q[:, :, s:e].to(work), self._trig(s, e, work, q.device))  # (B·Hkv, G, L, 2D)
-            nd = torch.bmm(fq.reshape(gk, gq * (e - s), 2 * d), state).view(gk, gq, e - s, d + 1)  # (B·Hkv, G, L, D+1)
-            parts.append(normalise(nd, self.eps, None if out is None else out[:, :, s:e]))
-        return torch.cat(parts, dim=2).to(q.dtype) if out is None else out
-
-    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal (j <= i) by chunks of C, as :func:`mechanisms._prefix.causal_attention` with position-aware
-        features of width 2D: (G, N, D) each -> (G, N, D). fp16/bf16 computed in float32."""
-        g, n, d = q.shape
-        c, f = self.chunk, 2 * d
-        work = work_dtype(q.dtype)
-        rows = block_rows(n, g, max(f, c), c)
-        nc_max = rows // c
-        # prefix[i, j] = 1 for j < i: rows 0..nc-1 give the exclusive prefix of each chunk, row nc the total.
-        prefix = torch.ones(nc_max + 1, nc_max, dtype=work, device=q.device).tril_(-1)  # (nc+1, nc)
-        state = q.new_zeros(g, 1, f * (d + 1), dtype=work)  # (G, 1, 2D·(D+1)): [S | z] of all earlier blocks
-        grad = tracks_grad(q, k, v)
-        out = None if grad else q.new_empty(g, n, d)
-        parts = []
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            length = e - s
-            nc = math.ceil(length / c)
-            pad = nc * c - length
-            trig = self._trig(s, e, work, q.device)  # (L, 2, 1)
-            fq = cos_features(q[:, s:e].to(work), trig)  # (G, L, 2D)
-            fk = cos_features(k[:, s:e].to(work), trig)  # (G, L, 2D)
-            v1 = ones_column(v[:, s:e].to(work))  # (G, L, D+1)
-            if pad:  # zero features: padded keys add nothing, padded queries are dropped
-                fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
-            fq = fq.view(g * nc, c, f)  # (G·nc, C, 2D)
-            fkt = fk.view(g * nc, c, f).transpose(1, 2)  # (G·nc, 2D, C)
-            v1 = v1.view(g * nc, c, d + 1)  # (G·nc, C, D+1)
-            chunk_states = torch.bmm(fkt, v1).view(g, nc, f * (d + 1))  # (G, nc, 2D·(D+1))
-            before = torch.matmul(prefix[:nc + 1, :nc], chunk_states).add_(state)  # (G, nc+1, 2D·(D+1))
-            state = before[:, nc:]  # (G, 1, 2D·(D+1)), everything up to the end of this block
-            scores = torch.bmm(fq, fkt).tril_()  # (G·nc, C, C): s_ij for j <= i inside the chunk
-            nd = torch.baddbmm(torch.bmm(scores, v1), fq, before[:, :nc].reshape(g * nc, f, d + 1))  # (G·nc, C, D+1)
-            nd = nd.view(g, nc * c, d + 1)[:, :length]  # (G, L, D+1)
-            parts.append(normalise(nd, self.eps, None if out is None else out[:, s:e]))
-        return torch.cat(parts, dim=1).to(q.dtype) if out is None else out
+        return key_state(k, v, feature_k=self._features, feature_floats=2 * k.shape[-1], work=work_dtype(k.dtype))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, d = q.shape
@@ -219,10 +175,13 @@ class CosformerAttention(nn.Module):
         self._check_length(n)
         if self.causal:
             q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, repeat_kv(k, h), repeat_kv(v, h)))  # (B·H, N, D)
-            return self._causal(q3, k3, v3).view(b, h, n, d)  # (B, H, N, D)
+            out = causal_attention(q3, k3, v3, features=self._pair, width=2 * d, chunk=self.chunk, eps=self.eps,
+                                   norm=normalise)  # (B·H, N, D)
+            return out.view(b, h, n, d)  # (B, H, N, D)
         # bidirectional: [S | z] once per kv head, read by its G = H/Hkv query heads
         state = self._key_state(k.reshape(b * hkv, n, d), v.reshape(b * hkv, n, d))  # (B·Hkv, 2D, D+1)
-        out = self._read(q.reshape(b * hkv, h // hkv, n, d), state, grad=tracks_grad(q, k, v))  # (B·Hkv, G, N, D)
+        out = read_state(q.reshape(b * h, n, d), state, feature_q=self._features, feature_floats=2 * d,
+                         eps=self.eps, grad=tracks_grad(q, k, v), norm=normalise)  # (B·H, N, D)
         return out.view(b, h, n, d)  # (B, H, N, D)
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

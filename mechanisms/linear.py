@@ -7,16 +7,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._decode import grouped
-from ._prefix import kernel_attention, kernel_flops, key_state, normalise, ones_column, read_state, tracks_grad
+from ._prefix import (
+    causal_attention,
+    kernel_flops,
+    key_state,
+    normalise,
+    ones_column,
+    read_state,
+    tracks_grad,
+)
 from .base import KV_HEADS, Knob, causal_mask, register, repeat_kv
 
 EPS = 1e-6
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def elu_feature(x: torch.Tensor) -> torch.Tensor:
-    """φ(x) = elu(x) + 1 > 0, elementwise: (..., D) -> (..., D)."""
+def elu_feature(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """φ(x) = elu(x) + 1 > 0, elementwise: (..., D) -> (..., D); ``start`` (the block's first position) is unused."""
     return F.elu(x).add_(1.0)  # elu's backward reads its input, so the in-place +1 is safe
+
+
+def elu_pair(q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ(q), φ(k) of one causal block: (G, L, D) each -> (G, L, D) each."""
+    return elu_feature(q), elu_feature(k)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,9 +63,15 @@ class LinearAttention(nn.Module):
 
     Bidirectional: S and z once, then every query reads them: 4·B·H·N·D·(D+1) FLOPs.
     Causal: chunks of C positions; inside a chunk a masked C×C block, across chunks a
-    carried D×(D+1) state (never a cumulative sum over N outer products):
-    ≈ B·H·N·(4·C·(D+1) + 4·D·(D+1)) FLOPs. Memory O(B·H·(N·D + N/C·D²)) with blocks of
-    rows processed one at a time; no N×N tensor is formed.
+    carried D×(D+1) state (the exclusive prefixes of a block's chunk states by one cumulative sum;
+    never a cumulative sum over N outer products): B·H·⌈N/C⌉·(4·C·D·(D+1) + 2·C²·(2D+1)) FLOPs
+    in products, plus 4·D·(D+1)/C uncounted additions per position (the cumulative sums, under 1%).
+
+    Blocks (mechanisms/_prefix.py, sized by the byte budget of mechanisms/_budget.py): a row of the
+    key pass costs G·(2D+1) elements of live temporaries (φ(k), [v 1]), of the read G·(2D+2) (φ(q),
+    [num | den], den + eps), causal G·(5D + 3 + C + 1 + ⌈2D(D+1)/C⌉) (φ(q), φ(k), [v 1], two
+    products, the C×C scores, den + eps, the chunk states and their prefixes); G = B·H (B·Hkv for the key pass). Memory
+    O(B·H·N·D) + the budget; no N×N tensor is formed.
 
     Grouped-query (``kv_heads`` = Hkv < H): K and V carry Hkv heads, query head h uses kv head
     h // (H/Hkv). Bidirectional, φ(K) and [S | z] are made once per kv head and read by its H/Hkv
@@ -88,13 +107,15 @@ class LinearAttention(nn.Module):
         hkv = k.shape[1]
         if self.causal:
             k, v = repeat_kv(k, h), repeat_kv(v, h)  # (B, H, N, D)
-            return kernel_attention(q, k, v, feature_q=elu_feature, feature_k=elu_feature, width=d,
-                                    causal=True, chunk=self.chunk, eps=self.eps)  # (B, H, N, D)
-        # bidirectional: [S | z] once per kv head; its G = H/Hkv query heads are read as G·N rows of that group
+            q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, k, v))  # (B·H, N, D)
+            out = causal_attention(q3, k3, v3, features=elu_pair, width=d, chunk=self.chunk,
+                                   eps=self.eps)  # (B·H, N, D)
+            return out.view(b, h, n, d)  # (B, H, N, D)
+        # bidirectional: [S | z] once per kv head, read by its G = H/Hkv query heads
         state = key_state(k.reshape(b * hkv, n, d), v.reshape(b * hkv, n, d), feature_k=elu_feature,
-                          width=d)  # (B·Hkv, D, D+1)
-        out = read_state(q.reshape(b * hkv, (h // hkv) * n, d), state, feature_q=elu_feature, width=d,
-                         eps=self.eps, grad=tracks_grad(q, k, v))  # (B·Hkv, G·N, D)
+                          feature_floats=d)  # (B·Hkv, D, D+1)
+        out = read_state(q.reshape(b * h, n, d), state, feature_q=elu_feature, feature_floats=d,
+                         eps=self.eps, grad=tracks_grad(q, k, v))  # (B·H, N, D)
         return out.view(b, h, n, d)  # (B, H, N, D)
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -114,7 +135,7 @@ class LinearAttention(nn.Module):
             return RecurrentState(k.new_zeros(b, hkv, d, d + 1, dtype=work), 0)  # (B, Hkv, D, D+1)
         k3 = k.reshape(b * hkv, n0, d).to(work)  # (B·Hkv, N0, D)
         v3 = v.reshape(b * hkv, n0, d).to(work)  # (B·Hkv, N0, D)
-        sz = key_state(k3, v3, feature_k=elu_feature, width=d)  # (B·Hkv, D, D+1), a fresh tensor
+        sz = key_state(k3, v3, feature_k=elu_feature, feature_floats=d)  # (B·Hkv, D, D+1), a fresh tensor
         return RecurrentState(sz.view(b, hkv, d, d + 1), n0)  # (B, Hkv, D, D+1)
 
     def decode_step(self, state: RecurrentState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._decode import grouped
-from ._prefix import block_rows, normalise, ones_column, read_state, tracks_grad
-from .base import KV_HEADS, Fidelity, Knob, causal_mask, ratio_per_4x, register, repeat_kv
+from ._prefix import block_rows, blocks, normalise, ones_column, read_state, tracks_grad
+from .base import (
+    KV_HEADS,
+    Fidelity,
+    Knob,
+    causal_mask,
+    ratio_per_4x,
+    register,
+    repeat_kv,
+)
 
 FEATURE_EPS = 1e-4  # added to every feature after the exponential (performer-pytorch's default)
 LOG2E = 1.0 / math.log(2.0)
@@ -29,6 +37,50 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Ten
     rows = torch.cat(blocks, dim=0)[:m]  # (m, D)
     norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)  # (m,) ~ χ_D
     return rows * norms[:, None]  # (m, D)
+
+
+def chunk_group(chunks: int) -> int:
+    """t, the chunks per group of the causal form's two-level prefix for blocks of ``chunks`` chunks:
+    ⌈(2·nc)^⅓⌉, which minimises the prefix products 2·(t + 1 + (nc/t + 1)/t)·m·(D+1)/C per position."""
+    return max(1, math.ceil((2 * chunks) ** (1 / 3) - 1e-9))
+
+
+def causal_row_elements(m: int, head_dim: int, chunk: int) -> int:
+    """Live temporaries of one row of the causal form, in elements per group: φ(q) and g (2m), [v 1], its
+    weighted copy and the [num | den] product (3(D+1)), the masked prefix max, the decay, the C×C scores and
+    their product (4C), the chunk states and their exclusive prefixes (m·(D+1) per chunk of C rows each; the
+    group totals and prefixes are 1/t of that and are freed, or not yet made, while the read's temporaries
+    live), and a few per-row scalars (8: prefix maxima, stabilisers, the floor, the factors)."""
+    return 2 * m + 3 * (head_dim + 1) + 4 * chunk + math.ceil(2 * m * (head_dim + 1) / chunk) + 8
+
+
+def causal_blocks(n: int, groups: int, head_dim: int, m: int, chunk: int, device: torch.device | str,
+                  itemsize: int) -> tuple[int, int]:
+    """(rows per block, t chunks per group) of the causal form: rows = the budget over
+    G·:func:`causal_row_elements`·itemsize bytes, a multiple of t·C (one block: the sequence, padded to t·C)."""
+    c = chunk
+    rows = block_rows(n, groups * causal_row_elements(m, head_dim, c) * itemsize, device, c,
+                      elements=groups * max(m, c))
+    t = chunk_group(rows // c)
+    if rows < n:  # whole groups in every full block
+        rows = max(1, rows // (t * c)) * t * c
+    return rows, t
+
+
+def causal_flops(n: int, head_dim: int, m: int, chunk: int, groups: int, device: torch.device | str = "cpu",
+                 itemsize: int = 4) -> int:
+    """Products of the causal form over its blocks after the projections (what FlopCounterMode counts); the
+    blocks are those of ``device`` and ``itemsize`` (the prefix products and the padding depend on them)."""
+    c, d1 = chunk, head_dim + 1
+    wide = m * d1
+    rows, t = causal_blocks(n, groups, head_dim, m, c, device, itemsize)
+    total = 0
+    for s in range(0, n, rows):
+        sg = -(-min(rows, n - s) // (t * c))
+        nc = sg * t
+        total += nc * (4 * c * wide + 2 * c * c * (m + d1))  # chunk states, read of S_<c, the C×C block
+        total += sg * 2 * (t + 1) * t * wide + 2 * (sg + 1) * sg * wide  # the two levels of the prefix
+    return groups * total
 
 
 class FavorState:
@@ -94,9 +146,14 @@ class PerformerAttention(nn.Module):
       relative to the max before the chunk (start s), read as 2^(M_{s−1} − M_i)·φ(q_i)ᵀP, plus the floor
       eps·Σ_r φ(q_i)_r·Σ_{j<s} [v_j 1] (as decode keeps it apart);
     - chunk states U_c = Σ_{j∈c} g_j 2^(M_j − M̂_c) [v_j 1]ᵀ relative to the chunk's last max M̂_c; the
-      exclusive prefixes of a block's chunks are one product with the (nc+1)×nc lower-triangular
-      weights 2^(M̂_c − M̂_{c'−1}) (c < c'), and the state carried from earlier blocks is rescaled by
-      2^(M_old − M_new) (as an online softmax does).
+      exclusive prefixes S_<c of a block's nc chunks in two levels, every weight 2^(earlier max − later
+      max) <= 1 (a plain cumulative sum would need factors 2^(+…) once the max jumps inside a block):
+      the chunks go in groups of t = ⌈(2·nc)^⅓⌉; inside a group one product with the (t+1)×t weights
+      2^(M̂_c − M̂_{c'−1}) (c < c') gives each chunk's prefix within its group and the group's total;
+      across the S = nc/t groups one product with the (S+1)×S weights of the groups' last maxima Ĝ
+      gives each group's prefix, to which the state carried from earlier blocks is added, rescaled by
+      2^(M_old − M_new) (as an online softmax does); S_<c = its group prefix·2^(Ĝ_{σ−1} − M̂_{c−1}) + its
+      prefix within the group. Σ[v 1] has no stabiliser: its prefixes are one cumulative sum.
 
     No exponent is ever above 0: each is a projection minus a max that covers it (a_jr − h_j − M_j,
     the query's own) or an earlier prefix max minus a later one. So nothing can overflow, however
@@ -106,10 +163,19 @@ class PerformerAttention(nn.Module):
     Cost: bidirectional 2·B·H·N·m·(2D + 2(D+1)) FLOPs (projections of q and k, then KᵀV and
     Q(KᵀV); the key max is tracked online while the key state is summed). Causal: projections
     2·B·H·N·m·2D (q and the repeated k, once each), per position 2·m·(D+1) (chunk state),
-    2·C·(m + D+1) (C×C block) and 2·m·(D+1) (read of the carried state), and per block of nc chunks
-    2·(nc+1)·nc·(m+1)·(D+1) for the prefix products of the exponential state and of Σ[v 1]; plus C
-    exponentials (the decay) and C comparisons (the prefix max) per position, not products.
-    Memory O(B·H·(N·D + m·D)), features made block by block; no N×N or N×m tensor for the whole sequence.
+    2·C·(m + D+1) (C×C block) and 2·m·(D+1) (read of the carried state), and per block of S groups of
+    t chunks 2·S·(t+1)·t·m·(D+1) + 2·(S+1)·S·m·(D+1) for the two levels of the prefix: about
+    2·(t + 1 + S/t)·m·(D+1)/C per position, 3–8% of the rest at C = 64 (nc from 16 to 600). Not products,
+    so not counted: C exponentials (the decay) and 2C comparisons (the prefix max) per position, and the
+    cumulative sums of Σ[v 1] (2·(D+1)/C per position). :func:`causal_flops` counts the products of the
+    blocks of a given device (the prefix and the padding of the last block to whole groups depend on it;
+    ``analytic_flops`` takes the CPU's, float32).
+
+    Blocks (sized by the byte budget of mechanisms/_budget.py, G = B·H, B·Hkv for the key pass): a row of the
+    key pass costs G·(m + D + 4) elements of live temporaries (the m features, [v 1], three scalars), of the
+    read G·(m + D + 4) (the m features and two scalars, [num | den], den), causal
+    G·:func:`causal_row_elements` (2m + 3(D+1) + 4C + ⌈2m(D+1)/C⌉ + 8); causal blocks are whole groups of t
+    chunks. Memory O(B·H·N·D) + the budget; no N×N tensor, no N×m tensor for the whole sequence.
 
     Grouped-query (``kv_heads`` = Hkv < H): query head h uses kv head h // (H/Hkv). Bidirectional,
     φ(K) and the key state are made once per kv head (one key max per (batch, kv head), the same
@@ -159,46 +225,55 @@ class PerformerAttention(nn.Module):
         return self.omega * (self.head_dim ** -0.25 * LOG2E)  # (m, D)
 
     def _half_sq_norm2(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * x).sum(dim=-1, keepdim=True) * (0.5 * LOG2E / math.sqrt(self.head_dim))  # (G, L, 1)
+        return (x * x).sum(dim=-1, keepdim=True).mul_(0.5 * LOG2E / math.sqrt(self.head_dim))  # (..., L, 1)
 
-    def _query_features(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """exp(ω q' − |q'|²/2 − max_r ω_r q') + eps, without 1/√m: (G, L, D) -> (G, L, m)."""
-        a = torch.matmul(x, w.T.to(x.dtype))  # (G, L, m); the causal form runs fp16/bf16 in float32
-        return self._exp(a, self._half_sq_norm2(x) + a.detach().amax(dim=-1, keepdim=True))
+    def _query_features(self, x: torch.Tensor, w: torch.Tensor, wt: torch.Tensor | None = None) -> torch.Tensor:
+        """exp(ω q' − |q'|²/2 − max_r ω_r q') + eps, without 1/√m: (..., L, D) -> (..., L, m), by one bmm with
+        ``wt`` = wᵀ expanded to (G, D, m) when given (x (G, L, D)). Live at once per row: the m features and
+        two scalars."""
+        shift = self._half_sq_norm2(x)  # (..., L, 1), before the m-wide block exists
+        a = torch.matmul(x, w.T.to(x.dtype)) if wt is None else torch.bmm(x, wt)  # (..., L, m)
+        with torch.no_grad():  # a stabiliser, constant for autograd
+            top = a.amax(dim=-1, keepdim=True)  # (..., L, 1)
+        return self._exp(a, shift.add_(top))
 
     @staticmethod
     def _exp(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """2^(a − shift) + eps, in place on the fresh block ``a`` (the last step out of place under
         autograd, whose backward of exp2 reads its result)."""
-        f = a.sub_(shift).exp2_()  # (G, L, m)
+        f = a.sub_(shift).exp2_() if not a.requires_grad else torch.exp2(a - shift)  # (G, L, m)
         return f.add_(FEATURE_EPS) if not f.requires_grad else f + FEATURE_EPS
-
-    def _prefix_key_features(self, x: torch.Tensor, w: torch.Tensor, run_max: torch.Tensor | None, chunk: int,
-                             below: torch.Tensor, lower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys with their own prefix max: (G, L, D) -> g = 2^(a − h − M_j) (G, L, m), no eps, and M_j
-        (G, nc·C, padded rows repeating the last M).
-
-        M_j = max of max_r a_tr over this block's rows t <= j and the max carried from earlier blocks
-        (``run_max`` (G, 1), None: none): a masked max inside each chunk (``lower`` (C, C), j <= i), then over
-        the earlier chunks (``below`` (nc+1, nc), c' < c), as torch.cummax is not one FlopCounterMode knows.
-        a_jr <= M_j and h_j >= 0, so every exponent is <= 0."""
-        g, length, _ = x.shape
-        nc = math.ceil(length / chunk)
-        a = torch.matmul(x, w.T)  # (G, L, m)
-        with torch.no_grad():  # a stabiliser, constant for autograd
-            top = F.pad(a.detach().amax(dim=-1), (0, nc * chunk - length), value=-math.inf)  # (G, nc·C)
-            top = top.view(g, nc, 1, chunk)  # (G, nc, 1, C)
-            within = torch.where(lower, top, -math.inf).amax(dim=-1)  # (G, nc, C): max over j <= i in the chunk
-            earlier = torch.where(below[:nc, :nc], within[:, None, :, -1], -math.inf).amax(dim=-1)  # (G, nc)
-            if run_max is not None:
-                earlier = torch.maximum(earlier, run_max)  # (G, nc), run_max (G, 1)
-            pmax = torch.maximum(within, earlier[..., None]).view(g, nc * chunk)  # (G, nc·C): M_j
-        return self._exp2(a, self._half_sq_norm2(x) + pmax[:, :length, None]), pmax  # (G, L, m), (G, nc·C)
 
     @staticmethod
     def _exp2(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """2^(a − shift), in place on the fresh block ``a`` (out of place under autograd)."""
         return a.sub_(shift).exp2_() if not a.requires_grad else torch.exp2(a - shift)
+
+    def _prefix_key_features(self, x: torch.Tensor, wt: torch.Tensor, run_max: torch.Tensor | None, chunks: int,
+                             lower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys with their own prefix max: x (G, L, D), wt (G, D, m) -> g = 2^(a − h − M_j) (G, L, m), no eps, and
+        M_j (G, nc·C), the padded rows repeating the last M.
+
+        M_j = max of max_r a_tr over this block's rows t <= j and the max carried from earlier blocks
+        (``run_max`` (G, 1), None: none): a masked max inside each chunk (``lower`` (C, C), j <= i), then over
+        the chunk ends of the earlier chunks ((nc, nc), c' < c). Not torch.cummax: effbench's FLOP counter
+        takes any op whose name contains "mm" for an uncounted product. a_jr <= M_j and h_j >= 0, so every
+        exponent is <= 0."""
+        g, length, _ = x.shape
+        c = lower.shape[0]
+        shift = self._half_sq_norm2(x)  # (G, L, 1)
+        a = torch.bmm(x, wt)  # (G, L, m)
+        with torch.no_grad():  # a stabiliser, constant for autograd
+            top = F.pad(a.amax(dim=-1), (0, chunks * c - length), value=-math.inf).view(g, chunks, 1, c)  # (G, nc, 1, C)
+            within = torch.where(lower, top, -math.inf).amax(dim=-1)  # (G, nc, C): max over j <= i in the chunk
+            ends = within.select(2, c - 1)  # (G, nc)
+            earlier = torch.ones(chunks, chunks, dtype=torch.bool, device=x.device).tril_(-1)  # (nc, nc): c' < c
+            earlier = torch.where(earlier, ends.unsqueeze(1), -math.inf).amax(dim=-1)  # (G, nc)
+            if run_max is not None:
+                earlier = torch.maximum(earlier, run_max)  # (G, nc), run_max (G, 1)
+            pmax = torch.maximum(within, earlier.unsqueeze(-1)).view(g, chunks * c)  # (G, nc·C): M_j
+        lead = pmax.narrow(1, 0, length) if chunks * c > length else pmax  # (G, L)
+        return self._exp2(a, shift.add_(lead.unsqueeze(-1))), pmax  # (G, L, m), (G, nc·C)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Causal FAVOR+ with the prefix-max key stabiliser, by chunks (the class docstring's scheme):
@@ -206,60 +281,78 @@ class PerformerAttention(nn.Module):
         if q.dtype in LOW_PRECISION:
             return self._causal(q.float(), k.float(), v.float(), w).to(q.dtype)
         g, n, d = q.shape
-        m, c = self.features, self.chunk
+        m, c, d1 = self.features, self.chunk, d + 1
+        wide = m * d1
         w = w.to(q.dtype)  # (m, D)
-        rows = block_rows(n, g, max(m, c), c)
-        nc_max = rows // c
-        # below[c', c] = c < c': rows 0..nc-1 give each chunk's exclusive prefix, row nc the block's total
-        below = torch.ones(nc_max + 1, nc_max, dtype=torch.bool, device=q.device).tril_(-1)  # (nc+1, nc)
-        ones = below.to(q.dtype)  # (nc+1, nc)
+        wt = w.T.expand(g, d, m)  # (G, D, m)
+        rows, t = causal_blocks(n, g, d, m, c, q.device, q.dtype.itemsize)
         lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()  # (C, C): j <= i in a chunk
         above = ~lower  # (C, C): j > i
+        later = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)  # (t, t): τ > r
         state = vstate = run_max = None  # (G, 1, m·(D+1)) relative to run_max, (G, 1, D+1), (G, 1)
         grad = tracks_grad(q, k, v)
         out = None if grad else q.new_empty(g, n, d)
         parts = []
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            length = e - s
-            nc = math.ceil(length / c)
+        for _, qb, kb, vb, ob in blocks(rows, q, k, v, out):
+            length = qb.shape[1]
+            sg = -(-length // (t * c))  # S groups of t chunks
+            nc = sg * t
             pad = nc * c - length
-            fq = self._query_features(q[:, s:e], w)  # (G, L, m), eps included
-            fk, pmax = self._prefix_key_features(k[:, s:e], w, run_max, c, below, lower)  # (G, L, m), (G, nc·C)
-            v1 = ones_column(v[:, s:e])  # (G, L, D+1)
+            fq = self._query_features(qb, w, wt)  # (G, L, m), eps included
+            fk, pm = self._prefix_key_features(kb, wt, run_max, nc, lower)  # (G, L, m), (G, nc·C)
+            v1 = ones_column(vb)  # (G, L, D+1)
             if pad:  # zero features and values: padded keys add nothing, padded queries are dropped
-                fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
-            floor = fq.sum(dim=-1, keepdim=True) * FEATURE_EPS  # (G, nc·C, 1): eps·Σ_r φ(q_i)_r
-            pm = pmax.view(g, nc, c)  # (G, nc, C)
-            end = pm[..., -1]  # (G, nc): M̂_c, the max at each chunk's end
-            first = run_max if run_max is not None else end.new_full((g, 1), -math.inf)  # (G, 1)
-            start = torch.cat([first, end], dim=1)  # (G, nc+1): the max before chunk c' (row nc: the block's)
+                fq, fk, v1 = (F.pad(x, (0, 0, 0, pad)) for x in (fq, fk, v1))
+            fq = fq.view(g * nc, c, m)  # (G·nc, C, m)
             fkt = fk.view(g * nc, c, m).transpose(1, 2)  # (G·nc, m, C)
-            v1 = v1.view(g * nc, c, d + 1)  # (G·nc, C, D+1)
-            # chunk states relative to M̂_c: Σ_j g_j 2^(M_j − M̂_c) [v_j 1]ᵀ (the per-key weight goes on [v 1])
-            to_end = torch.exp2(pm - end[..., None]).view(g * nc, c, 1)  # (G·nc, C, 1), <= 1
-            chunk_states = torch.bmm(fkt, v1 * to_end).view(g, nc, m * (d + 1))  # (G, nc, m·(D+1))
-            # exclusive prefixes relative to start[c']: weights 2^(M̂_c − start[c']) for c < c', else 0
-            weights = torch.where(below[:nc + 1, :nc], end[:, None, :] - start[:, :, None],
-                                  -math.inf).exp2_()  # (G, nc+1, nc), <= 1
-            before = torch.matmul(weights, chunk_states)  # (G, nc+1, m·(D+1))
-            vbefore = torch.matmul(ones[:nc + 1, :nc], v1.view(g, nc, c, d + 1).sum(dim=2))  # (G, nc+1, D+1)
-            if state is not None:  # earlier blocks, rescaled from their max to start[c'] (online-softmax style)
-                before = before.addcmul_(state, torch.exp2(run_max - start)[..., None])  # (G, nc+1, m·(D+1))
-                vbefore = vbefore.add_(vstate)  # (G, nc+1, D+1)
-            state, vstate, run_max = before[:, nc:], vbefore[:, nc:], start[:, nc:]  # (G, 1, ·): the block's totals
+            v1 = v1.view(g * nc, c, d1)  # (G·nc, C, D+1)
+            pm = pm.view(g, nc, c)  # (G, nc, C): M_j
+            end = pm.select(2, c - 1)  # (G, nc): M̂_c, the max at each chunk's end
+            first = run_max if run_max is not None else pm.select(2, 0).narrow(1, 0, 1)  # (G, 1)
+            start = torch.cat([first, end.narrow(1, 0, nc - 1)], dim=1)  # (G, nc): the max before chunk c
+            # chunk states relative to M̂_c: U_c = Σ_j g_j 2^(M_j − M̂_c) [v_j 1]ᵀ (the per-key weight goes on [v 1])
+            to_end = torch.exp2(pm - end.unsqueeze(-1)).view(g * nc, c, 1)  # (G·nc, C, 1), <= 1
+            chunks = torch.bmm(fkt, v1 * to_end).view(g * sg, t, wide)  # (G·S, t, m·(D+1))
+            # level 1, inside each group of t chunks: incl[r, τ] = 2^(M̂_τ − M̂_r), τ <= r; shifted down one row it
+            # weighs the exclusive prefix of chunk r (relative to M̂_{r−1}), its last row the group's total
+            ends = end.view(g * sg, t)  # (G·S, t)
+            incl = (ends.unsqueeze(1) - ends.unsqueeze(2)).masked_fill_(later, -math.inf).exp2_()  # (G·S, t, t)
+            weights = F.pad(incl, (0, 0, 1, 0))  # (G·S, t+1, t), <= 1
+            before = torch.bmm(weights.narrow(1, 0, t), chunks)  # (G·S, t, m·(D+1)): relative to start_c
+            totals = torch.bmm(weights.narrow(1, t, 1), chunks).view(g, sg, wide)  # (G, S, m·(D+1)): to Ĝ_σ
+            del chunks
+            # level 2, across the groups: the exclusive prefix of group σ relative to Ĝ_{σ−1} (row S: the block's
+            # total, relative to its last max), plus the state of earlier blocks rescaled to Ĝ_{σ−1}
+            gend = ends.select(1, t - 1).view(g, sg)  # (G, S): Ĝ_σ, each group's last max
+            glater = torch.ones(sg, sg, dtype=torch.bool, device=q.device).triu_(1)  # (S, S): σ > r
+            gincl = (gend.unsqueeze(1) - gend.unsqueeze(2)).masked_fill_(glater, -math.inf)  # (G, S, S)
+            gprefix = torch.bmm(F.pad(gincl.exp2_(), (0, 0, 1, 0)), totals)  # (G, S+1, m·(D+1))
+            gstart = torch.cat([first, gend], dim=1)  # (G, S+1): Ĝ_{σ−1}, row 0 the max before the block
+            if state is not None:
+                gprefix = gprefix.addcmul_(state, torch.exp2(run_max - gstart).unsqueeze(-1))  # (G, S+1, m·(D+1))
+            # chunk c of group σ: S_<c = level 1 + the group's prefix, from Ĝ_{σ−1} to start_c: 2^(Ĝ_{σ−1} − start_c)
+            lift = torch.exp2(gstart.narrow(1, 0, sg).unsqueeze(-1) - start.view(g, sg, t))  # (G, S, t), <= 1
+            before = before.view(g, sg, t, wide).addcmul_(gprefix.narrow(1, 0, sg).unsqueeze(2),
+                                                          lift.unsqueeze(-1))  # (G, S, t, m·(D+1))
+            vchunks = v1.view(g, nc, c, d1).sum(dim=2)  # (G, nc, D+1): Σ_{j∈c} [v_j 1]
+            vbefore = vchunks.cumsum(dim=1).sub_(vchunks)  # (G, nc, D+1): Σ_{j<c in the block} [v_j 1]
+            vtotal = vchunks.sum(dim=1, keepdim=True)  # (G, 1, D+1)
+            if vstate is not None:
+                vbefore, vtotal = vbefore.add_(vstate), vtotal.add_(vstate)
+            state, vstate, run_max = gprefix.narrow(1, sg, 1), vtotal, gstart.narrow(1, sg, 1)  # the block's totals
             # inside a chunk: (φ(q_i)·g_j) 2^(M_j − M_i) + eps·Σφ(q_i), j <= i
             decay = (pm.view(g * nc, 1, c) - pm.view(g * nc, c, 1)).masked_fill_(above, -math.inf)  # (G·nc, C, C)
-            decay = decay.exp2_()  # (G·nc, C, C): 2^(M_j − M_i) <= 1 for j <= i, 0 above
-            fq = fq.view(g * nc, c, m)  # (G·nc, C, m)
-            floor = floor.view(g * nc, c, 1)  # (G·nc, C, 1)
-            scores = torch.addcmul(floor, torch.bmm(fq, fkt), decay).tril_()  # (G·nc, C, C)
-            # the carried state, from the max before the chunk to M_i: 2^(start_c − M_i) <= 1 (0 for the first)
-            to_row = torch.exp2(start[:, :nc, None] - pm).view(g * nc, c, 1)  # (G·nc, C, 1)
-            nd = torch.bmm(fq, before[:, :nc].reshape(g * nc, m, d + 1)).mul_(to_row)  # (G·nc, C, D+1)
-            nd = torch.baddbmm(nd, scores, v1).addcmul_(floor, vbefore[:, :nc].reshape(g * nc, 1, d + 1))  # (G·nc, C, D+1)
-            nd = nd.view(g, nc * c, d + 1)[:, :length]  # (G, L, D+1)
-            parts.append(normalise(nd, 0.0, None if out is None else out[:, s:e]))
+            floor = fq.sum(dim=-1, keepdim=True).mul_(FEATURE_EPS)  # (G·nc, C, 1): eps·Σ_r φ(q_i)_r
+            scores = torch.addcmul(floor, torch.bmm(fq, fkt), decay.exp2_()).tril_()  # (G·nc, C, C)
+            # the state before the chunk, from start_c to M_i: 2^(start_c − M_i) <= 1
+            to_row = torch.exp2(start.unsqueeze(-1) - pm).view(g * nc, c, 1)  # (G·nc, C, 1)
+            nd = torch.bmm(fq, before.view(g * nc, m, d1)).mul_(to_row)  # (G·nc, C, D+1)
+            nd = torch.baddbmm(nd, scores, v1).addcmul_(floor, vbefore.view(g * nc, 1, d1))  # (G·nc, C, D+1)
+            nd = nd.view(g, nc * c, d1)  # (G, nc·C, D+1)
+            if pad:
+                nd = nd.narrow(1, 0, length)  # (G, L, D+1)
+            parts.append(normalise(nd, 0.0, ob))
+            del fq, fk, fkt, v1, pm, to_end, before, totals, scores, decay, floor, to_row, nd  # before the next block's
         return torch.cat(parts, dim=1) if out is None else out
 
     def _key_state(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -276,24 +369,31 @@ class PerformerAttention(nn.Module):
     def _key_sums(self, k: torch.Tensor, v: torch.Tensor,
                   w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The parts of :meth:`_key_state`, (G, N, D) -> Σ_j 2^(a_j − h_j − M)[v_j 1]ᵀ (G, m, D+1),
-        Σ_j [v_j 1]ᵀ (G, 1, D+1) and M, the max of a over all positions and features (G, 1, 1)."""
-        g, n, _ = k.shape
-        rows = block_rows(n, g, self.features)
-        total = run_max = v_sum = None
-        for s in range(0, n, rows):
-            x = k[:, s:s + rows]  # (G, L, D)
-            a = torch.matmul(x, w.T)  # (G, L, m)
-            new_max = a.detach().amax(dim=(1, 2), keepdim=True)  # (G, 1, 1)
-            if run_max is not None:
-                new_max = torch.maximum(run_max, new_max)
-            ft = a.sub_(self._half_sq_norm2(x) + new_max).exp2_().transpose(1, 2)  # (G, m, L), no eps yet
-            v1 = ones_column(v[:, s:s + rows])  # (G, L, D+1)
+        Σ_j [v_j 1]ᵀ (G, 1, D+1) and M, the max of a over all positions and features (G, 1, 1).
+
+        One row of a block costs G·(m + D+4) elements of live temporaries: the m features, [v 1] and three
+        scalars (h, the shift, the stabiliser)."""
+        g, n, d = k.shape
+        m = self.features
+        rows = block_rows(n, g * (m + d + 4) * k.dtype.itemsize, k.device, elements=g * m)
+        wt = w.T.expand(g, d, m)  # (G, D, m)
+        total = run_max = None
+        for _, x, vb in blocks(rows, k, v):  # x (G, L, D)
+            shift = self._half_sq_norm2(x)  # (G, L, 1)
+            a = torch.bmm(x, wt)  # (G, L, m)
+            with torch.no_grad():  # a stabiliser, constant for autograd
+                new_max = a.amax(dim=(1, 2), keepdim=True)  # (G, 1, 1)
+                if run_max is not None:
+                    new_max = torch.maximum(run_max, new_max)
+            ft = self._exp2(a, shift.add_(new_max)).transpose(1, 2)  # (G, m, L), no eps yet
+            v1 = ones_column(vb)  # (G, L, D+1)
             if total is None:
-                total, v_sum = torch.bmm(ft, v1), v1.sum(dim=1, keepdim=True)  # (G, m, D+1), (G, 1, D+1)
+                total = torch.bmm(ft, v1)  # (G, m, D+1)
             else:
-                total = torch.baddbmm(total * torch.exp2(run_max - new_max), ft, v1)  # (G, m, D+1)
-                v_sum = v_sum + v1.sum(dim=1, keepdim=True)
+                total = torch.baddbmm(total.mul_(torch.exp2(run_max - new_max)), ft, v1)  # (G, m, D+1)
             run_max = new_max
+            del a, ft, v1  # before the next block's are made
+        v_sum = F.pad(v.sum(dim=1, keepdim=True), (0, 1), value=float(n))  # (G, 1, D+1): Σ_j [v_j 1]
         return total, v_sum, run_max  # (G, m, D+1), (G, 1, D+1), (G, 1, 1)
 
     # -- attention -------------------------------------------------------------------------------
@@ -307,11 +407,11 @@ class PerformerAttention(nn.Module):
             q3, k3, v3 = (t.reshape(b * h, n, d) for t in (q, repeat_kv(k, h), repeat_kv(v, h)))  # (B·H, N, D)
             out = self._causal(q3, k3, v3, w)  # (B·H, N, D)
         else:
-            # the key state once per kv head; its G = H/Hkv query heads are read as G·N rows of that group
+            # the key state once per kv head, read by its G = H/Hkv query heads
             state = self._key_state(k.reshape(b * hkv, n, d), v.reshape(b * hkv, n, d), w)  # (B·Hkv, m, D+1)
-            out = read_state(q.reshape(b * hkv, (h // hkv) * n, d), state,
-                             feature_q=lambda x: self._query_features(x, w), width=self.features,
-                             eps=0.0, grad=tracks_grad(q, k, v))  # (B·Hkv, G·N, D)
+            wt = w.T.expand(b * h, d, self.features)  # (B·H, D, m)
+            out = read_state(q.reshape(b * h, n, d), state, feature_q=lambda x, s: self._query_features(x, w, wt),
+                             feature_floats=self.features + 2, eps=0.0, grad=tracks_grad(q, k, v))  # (B·H, N, D)
         return out.view(b, h, n, d)  # (B, H, N, D)
 
     def feature_maps(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,18 +501,6 @@ class PerformerAttention(nn.Module):
         per_group = features * (head_dim + 1) + (head_dim + 1) + 1
         return max(itemsize, 4) * batch * kv_heads * per_group
 
-    @staticmethod
-    def _causal_flops(n: int, head_dim: int, width: int, chunk: int, groups: int) -> int:
-        """Products of :meth:`_causal` per (batch, head) after the projections (what FlopCounterMode counts)."""
-        d1 = head_dim + 1
-        rows = block_rows(n, groups, max(width, chunk), chunk)
-        total = 0
-        for s in range(0, n, rows):
-            nc = math.ceil((min(n, s + rows) - s) / chunk)
-            per_chunk = 2 * chunk * width * d1 + 2 * chunk * chunk * (width + d1) + 2 * chunk * width * d1
-            total += nc * per_chunk + 2 * (nc + 1) * nc * (width + 1) * d1  # prefixes of the state and of Σ[v 1]
-        return total
-
     @classmethod
     def analytic_flops(cls, *, batch: int, heads: int, n: int, head_dim: int, causal: bool, features: int = 256,
                        chunk: int = 64, redraw: bool = False, kv_heads: int = 0) -> int:
@@ -420,6 +508,6 @@ class PerformerAttention(nn.Module):
         per_row = 2 * n * head_dim * features  # one projection of N rows onto the m features
         if causal:  # q and the repeated k projected once per query head, then the chunked products
             groups = batch * heads
-            return 2 * groups * per_row + groups * cls._causal_flops(n, head_dim, features, chunk, groups)
+            return 2 * groups * per_row + causal_flops(n, head_dim, features, chunk, groups)
         # key projections and state per kv head, query projections and reads per query head
         return (kv + heads) * batch * per_row + 2 * batch * (heads + kv) * n * features * (head_dim + 1)

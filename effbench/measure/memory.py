@@ -66,12 +66,12 @@ class StorageTracker(TorchDispatchMode):
     A storage counts as new when an op returns it and it is neither an argument's
     storage (views, in-place and ``out=`` ops alias their inputs) nor one already
     counted. It stops counting when Python releases the storage. ``ops`` counts the aten ops dispatched inside
-    it (one kernel launch each on a GPU): a sweep row's ``ops`` column.
+    it (one kernel launch each on a GPU) in ``dispatched``: a sweep row's ``ops`` column.
     """
 
     def __init__(self):
         super().__init__()
-        self.ops = 0
+        self.dispatched = 0
         self.current = 0
         self.peak = 0
         self.allocations = 0
@@ -84,7 +84,7 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.ops += 1
+        self.dispatched += 1
         out = func(*args, **kwargs)
         # Keyed by the C++ StorageImpl (``_cdata``), and the input storages held until the outputs are checked:
         # keyed by id() of short-lived Python wrappers, an output could take a just-freed input wrapper's address

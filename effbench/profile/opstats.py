@@ -4,7 +4,8 @@ tables (top ops by self time, top ops by memory allocated) and the number of ate
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,15 +37,20 @@ def count_ops(fn: Callable[[], Any]) -> OpCounter:
     return counter
 
 
-def count_case_ops(case) -> int:
+def count_case_ops(case, sized_for: str | None = None) -> int:
     """The aten ops one call of ``case`` dispatches (one kernel launch each on a GPU), counted on fake tensors
-    after a warm call: nothing of size N is allocated, so N = 1M costs no memory. The module is built for real."""
+    after a warm call: nothing of size N is allocated, so N = 1M costs no memory. The module is built for real.
+    ``sized_for="cuda"``: with blocks sized as on a GPU (``mechanisms._budget``), the count a GPU call dispatches."""
+    import contextlib
+
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mechanisms._budget import sized_for as blocks_sized_for
 
     from ..workload import build_module, make_call
 
     module, _ = build_module(case)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), (blocks_sized_for(sized_for) if sized_for else contextlib.nullcontext()):
         _, call = make_call(case, module)
         call()  # warm: lazily built buffers are not part of a call
         return count_ops(call).total
