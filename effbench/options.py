@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Collection, Optional
 
 import typer
 
@@ -73,9 +73,15 @@ def parse_knob_options(items: list[str] | None) -> dict[str, list[str]]:
 
 def make_cases(*, plugin, mech: str, n: str, batch: int, heads: int, head_dim: int, dtype: str, device: str,
                mode: str, causal: bool, seed: int, knob: list[str] | None, axes: dict[str, str | None] | None = None,
-               phase: str = "prefill", decode_steps: int = DEFAULT_DECODE_STEPS):
-    """Load plugins, validate every sweep option and expand the cases (raises domain errors)."""
+               phase: str = "prefill", decode_steps: int = DEFAULT_DECODE_STEPS, preset: str | None = None,
+               explicit: Collection[str] = ()):
+    """Load plugins, validate every sweep option and expand the cases (raises domain errors). With ``preset``,
+    the preset's cases, narrowed or overridden by the options named in ``explicit`` (see :func:`preset_cases`)."""
     load_plugins(plugin)
+    if preset is not None:
+        return preset_cases(preset, explicit, mech=mech, n=n, batch=batch, heads=heads, head_dim=head_dim,
+                            dtype=dtype, device=device, mode=mode, causal=causal, seed=seed, knob=knob, axes=axes,
+                            phase=phase, decode_steps=decode_steps)
     names = select_mechanisms(mech)
     ns = parse_int_list(n, "--n")
     check_choice(dtype, DTYPES, "--dtype")
@@ -91,6 +97,49 @@ def make_cases(*, plugin, mech: str, n: str, batch: int, heads: int, head_dim: i
     return expand(names, ns, axes=parsed_axes, knob_values=parse_knob_options(knob), batch=batch, heads=heads,
                   head_dim=head_dim, dtype=dtype, device=device, mode=mode, causal=causal, seed=seed,
                   phase=phase, decode_steps=decode_steps)
+
+
+def explicit_options(ctx) -> set[str]:
+    """The parameters of the command ``ctx`` that were given (on the command line or from the environment), not
+    left at their defaults: what narrows or overrides a ``--preset``."""
+    return {name for name in ctx.params
+            if (source := ctx.get_parameter_source(name)) is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def preset_cases(ref: str, explicit: Collection[str], *, mech: str, n: str, batch: int, heads: int, head_dim: int,
+                 dtype: str, device: str, mode: str, causal: bool, seed: int, knob: list[str] | None,
+                 axes: dict[str, str | None] | None, phase: str, decode_steps: int):
+    """The cases of preset ``ref`` (``NAME`` or ``NAME@VERSION``): each option named in ``explicit`` is validated
+    and narrows (``--mech``: the preset's mechanisms among those given) or overrides (``--n``, ``--batch``,
+    ``--heads``, ``--head-dim``, ``--dtype``, ``--mode``, ``--causal``, a knob axis, ``--knob``) the preset's value;
+    ``--device``, ``--seed``, ``--phase`` and ``--decode-steps`` apply as in any sweep."""
+    from .presets import expand_preset, load_preset
+
+    preset = load_preset(ref)
+    given = set(explicit)
+    mechs = None
+    if "mech" in given and parse_list(mech) != ["all"]:
+        mechs = select_mechanisms(mech)
+    for name, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
+        if name.lstrip("-").replace("-", "_") in given and value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value}")
+    if "dtype" in given:
+        check_choice(dtype, DTYPES, "--dtype")
+    if "mode" in given:
+        check_choice(mode, MODES, "--mode")
+    check_choice(phase, PHASES, "--phase")
+    check_at_least("--decode-steps", decode_steps, 1)
+    modes = [mode] if "mode" in given else None
+    if phase == "decode" and list(modes or preset.modes) != ["fwd"]:
+        raise UsageError(f"--phase decode is inference, one token at a time: preset {preset.ref} has --mode "
+                         f"{','.join(modes or preset.modes)}; add --mode fwd")
+    parsed_axes = {a: parse_list(v) for a, v in (axes or {}).items() if v is not None}
+    return expand_preset(preset, mechs=mechs, ns=parse_int_list(n, "--n") if "n" in given else None,
+                         batch=batch if "batch" in given else None, heads=heads if "heads" in given else None,
+                         head_dim=head_dim if "head_dim" in given else None,
+                         dtype=dtype if "dtype" in given else None, modes=modes,
+                         causal=causal if "causal" in given else None, device=device, seed=seed, phase=phase,
+                         decode_steps=decode_steps, axes=parsed_axes, knob_values=parse_knob_options(knob))
 
 
 def memory_budget(text: str | None, device: str) -> int | None:

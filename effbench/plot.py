@@ -6,7 +6,8 @@ crossovers, budget: ``effbench.fits``; position encodings: ``effbench.positions`
 
 Output directory (default: ``<csv dir>/<csv stem>_plots/``, e.g. ``results/reference.csv``
 -> ``results/reference_plots/``): one file per figure and format (``memory_vs_n``, ``time_vs_n``,
-``cuda_memory_vs_n``, ``positions_vs_n``, ``error_vs_knob``; see ``effbench.figures``), then
+``cuda_memory_vs_n``, ``positions_vs_n``, ``error_vs_knob``; see ``effbench.figures``; with ``--verify`` also
+``pareto``, accuracy against cost at one N, and ``pareto.md``: ``effbench.pareto``), then
 ``slopes.csv``, ``crossovers.csv`` (``budget.csv`` with a budget) and ``summary.md``.
 
 Decode rows (``phase = decode``) are analysed on their own (``effbench.decode_analysis``; the prefill figures
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from . import analysis, decode_analysis, figures, results, summary
+from . import analysis, decode_analysis, figures, pareto, results, summary
 from .analysis import Analysis
 from .decode_analysis import DecodeAnalysis
 from .figure_base import PlotResult, save_figure
@@ -50,6 +51,8 @@ class Report:
     verify: pd.DataFrame | None = None
     decode: DecodeAnalysis | None = None  # the decode rows (None without ok decode rows)
     decode_tables: DecodeSummary | None = None
+    against: Any = None  # effbench.against.AgainstReport with --against
+    pareto: Any = None  # effbench.pareto.Frontier with --verify (accuracy vs cost at one N)
 
     @property
     def summary(self) -> dict[str, pd.DataFrame]:
@@ -145,7 +148,8 @@ def draw_figures(an: Analysis | None, verify: pd.DataFrame | None,
 
 
 def make_report(csv_path: str | Path, out_dir: str | Path | None = None, formats: str | Sequence[str] = ("png",),
-                budget_bytes: int | str | None = None, verify_csv: str | Path | None = None) -> Report:
+                budget_bytes: int | str | None = None, verify_csv: str | Path | Sequence[str | Path] | None = None,
+                against: str | None = None, pareto_n: int | None = None) -> Report:
     """Read a results CSV (and optionally an ``effbench verify`` CSV), analyse it, write the figures,
     ``slopes.csv``, ``crossovers.csv`` (``budget.csv``) and ``summary.md`` to ``out_dir``
     (default ``<csv dir>/<csv stem>_plots``), and return the Report.
@@ -156,14 +160,21 @@ def make_report(csv_path: str | Path, out_dir: str | Path | None = None, formats
     csv_path = Path(csv_path)
     fmts = parse_formats(formats)
     budget = _budget(budget_bytes)
+    from . import against as against_mod
+
+    preset = against_mod.load(against) if against is not None else None  # refused before anything is written
     an, dec, notes = analyse_phases(csv_path, budget)
     verify = read_verify_csv(verify_csv) if verify_csv is not None else None
+    frontier, pareto_notes = pareto.build(an, verify, pareto_n)  # accuracy vs cost; a bad --n is refused here
     out = Path(out_dir) if out_dir is not None else default_out_dir(csv_path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    drawn, figure_notes = draw_figures(an, verify, dec)
+    drawn, figure_notes = draw_figures(an, pareto.error_rows(verify), dec)
+    if frontier is not None:
+        drawn["pareto"] = pareto.figure(frontier)
+    figure_notes = figure_notes + pareto_notes
     notes = (summary.data_notes(an) if an is not None else []) + notes + (dec.notes if dec is not None else []) \
         + figure_notes
     files: list[Path] = []
@@ -185,10 +196,16 @@ def make_report(csv_path: str | Path, out_dir: str | Path | None = None, formats
     dec_tables = summary.summarise_decode(dec) if dec is not None else None
     text = summary.markdown(an, tables, csv_path, files, out, budget, notes, dec, dec_tables,
                             decode_rows=len(dec.rows) if dec is not None else 0)
+    if frontier is not None:
+        files.append(pareto.write_markdown(frontier, out))
+        text += "\n" + pareto.markdown(frontier, image=False)
     (out / "summary.md").write_text(text)
     files.append(out / "summary.md")
+    compared = against_mod.make_against(csv_path, preset, out, fmts) if preset is not None else None
+    files += compared.files if compared is not None else []
     return Report(csv_path=csv_path, out_dir=out, analysis=an, tables=tables, figures=drawn, files=files,
-                  markdown=text, notes=notes, budget_bytes=budget, verify=verify, decode=dec, decode_tables=dec_tables)
+                  markdown=text, notes=notes, budget_bytes=budget, verify=verify, decode=dec, decode_tables=dec_tables,
+                  against=compared, pareto=frontier)
 
 
 def analyse_phases(csv_path: Path, budget: int | None) -> tuple[Analysis | None, DecodeAnalysis | None, list[str]]:
@@ -282,6 +299,13 @@ def render_report(report: Report, console) -> None:
         if d.budget is not None and report.budget_bytes:
             console.print(_rich_table(d.budget, f"Decode: largest context that fits in {fmt_bytes(report.budget_bytes)}"
                                       " (state bytes only)", d.state_caption))
+    if report.against is not None:
+        from .render import print_against
+        print_against(report.against, console)
+    if report.pareto is not None:
+        fr = report.pareto
+        console.print(_rich_table(pareto.front_table(fr), f"Pareto front at N={fr.n:,}: error vs time and vs peak memory",
+                                  f"error on {pareto.inputs_text(fr)}; {fr.n_choice}"))
     for line in report.highlights:
         console.print(f"[bold]{escape(line)}[/]", highlight=False)
     for note in report.notes:

@@ -157,12 +157,18 @@ def _sweep_cells(group) -> tuple[str, str, str]:
     ran = [g for g in group if g.error_rel is not None]
     skipped = [g for g in group if g.passed is None]
     failed = [g for g in group if g.passed is False]
-    detail = f"{r.mode}; {r.knob} = {', '.join(str(g.knob_value) for g in ran) or '—'}; rel err ‖o−dense‖/‖v‖ (cos)"
+    real = r.inputs not in ("", "gaussian")
+    what = (f"on {r.inputs}: mean ± std of ‖o−dense‖/‖v‖ over {ran[0].samples} heads (reported)" if real and ran
+            else "rel err ‖o−dense‖/‖v‖ (cos)")
+    detail = f"{r.mode}; {r.knob} = {', '.join(str(g.knob_value) for g in ran) or '—'}; {what}"
     if skipped:
         detail += f"; {len(skipped)} skipped: {skipped[0].reason[:80]}"
     if failed:
         detail += f"; {failed[0].reason}"
-    err = " → ".join(f"{g.error_rel:.3g} ({g.cosine:.3f})" for g in ran) or "—"
+    if real:
+        err = " → ".join(f"{g.error_rel:.3g}±{g.error_std:.2g}" for g in ran) or "—"
+    else:
+        err = " → ".join(f"{g.error_rel:.3g} ({g.cosine:.3f})" for g in ran) or "—"
     result = Outcome.FAIL if failed else (Outcome.PASS if ran else Outcome.SKIP)
     return detail, err, result
 
@@ -186,7 +192,8 @@ def _outcome(result: Outcome) -> str:
 
 def verify_table(report) -> Table:
     """A rich table, fidelity sweeps folded into one line each."""
-    table = Table(title=f"effbench verify: n={report.n}, {report.dtype}, {report.device}, seed {report.seed}")
+    inputs = "" if report.inputs == "gaussian" else f", fidelity on {report.inputs} inputs"
+    table = Table(title=f"effbench verify: n={report.n}, {report.dtype}, {report.device}, seed {report.seed}{inputs}")
     for col, just in (("mechanism", "left"), ("check", "left"), ("detail (causal / knobs)", "left"),
                       ("error", "right"), ("tolerance", "right"), ("result", "left")):
         table.add_column(col, justify=just, overflow="fold")
@@ -200,7 +207,7 @@ def verify_table(report) -> Table:
         if r.check == "fidelity" and r.knob:
             j = i
             while j < len(rows) and rows[j].check == "fidelity" and rows[j].mechanism == r.mechanism \
-                    and rows[j].causal == r.causal and rows[j].knob == r.knob:
+                    and rows[j].causal == r.causal and rows[j].knob == r.knob and rows[j].inputs == r.inputs:
                 j += 1
             detail, err, result = _sweep_cells(rows[i:j])
             table.add_row(mech, "fidelity", detail, err, _e(r.tolerance), _outcome(result))
@@ -211,8 +218,45 @@ def verify_table(report) -> Table:
     return table
 
 
+def _times(ratio: float) -> str:
+    return f"×{ratio:,.0f}" if ratio >= 10 else f"×{ratio:.2g}"
+
+
+def inputs_table(comparison) -> Table:
+    """Real-input errors beside the Gaussian ones of the same setting (``verify.report.inputs_comparison``)."""
+    inputs = str(comparison["inputs"].iloc[0])
+    table = Table(title=f"Fidelity ‖o−dense‖/‖v‖ on Gaussian and on {inputs} inputs, same N and knobs "
+                        "(* = the default, the setting a sweep measures)",
+                  caption="real: mean over layers × heads, ± std, min–max across them; ratio = real / Gaussian. "
+                          "Trends are checked on Gaussian inputs only; on real inputs the errors are reported, "
+                          "not checked.", title_justify="left")
+    for col, just in (("mechanism", "left"), ("mode", "left"), ("setting", "left"), ("Gaussian", "right"),
+                      (inputs, "right"), ("min–max across heads", "right"), ("ratio", "right")):
+        table.add_column(col, justify=just)
+    last = None
+    for r in comparison.itertuples(index=False):
+        if last is not None and r.mechanism != last:
+            table.add_section()
+        value = "" if r.knob == "" else f"{r.knob}={r.knob_value:g}" if isinstance(r.knob_value, float) \
+            else f"{r.knob}={r.knob_value}"
+        table.add_row(r.mechanism if r.mechanism != last else "", r.mode, value + ("*" if r.default else ""),
+                      _g(r.gaussian), f"{r.real:.3g} ± {r.std:.2g}", f"{r.min:.2g}–{r.max:.2g}",
+                      _times(r.ratio) if r.ratio == r.ratio and r.gaussian > 1e-6 else "—")
+        last = r.mechanism
+    return table
+
+
 def print_verify(report, out: Console) -> None:
+    import pandas as pd
+
+    from .verify.report import inputs_comparison
+
+    for note in report.notes:
+        out.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     out.print(verify_table(report))
+    comparison = inputs_comparison(pd.DataFrame([r.as_row() for r in report.rows]))
+    if not comparison.empty:
+        out.print(inputs_table(comparison))
     style = "green" if report.passed else "bold red"
     out.print(f"[{style}]{summary_line(report)}[/]", highlight=False, soft_wrap=True)
 
@@ -256,3 +300,48 @@ def print_profile(report, out: Console, top: int = 10) -> None:
                   f"{report.ops_count} ops dispatched per call", highlight=False, soft_wrap=True)
     for path in report.files:
         out.print(f"[dim]wrote {path}[/]", highlight=False)
+
+
+# ------------------------------------------------------------------------------ presets and --against
+
+def presets_table(presets: Iterable) -> Table:
+    """``effbench presets``: each preset's name, version, description, case count, published numbers and source."""
+    from .presets import case_count, published_summary
+
+    table = Table(title="effbench presets (sweep --preset NAME, estimate --preset NAME, plot --against NAME)")
+    for col, just in (("name", "left"), ("version", "right"), ("description", "left"), ("cases", "right"),
+                      ("published", "left"), ("source", "left")):
+        table.add_column(col, justify=just, overflow="fold", no_wrap=col == "name")
+    for p in presets:
+        source = "; ".join(x for x in (p.source.get("paper"), f"arXiv {p.source['arxiv']}" if p.source.get("arxiv")
+                                       else "", p.source.get("tables"), p.source.get("hardware")) if x)
+        table.add_row(f"[bold]{p.name}[/]", f"@{p.version}", p.description, f"{case_count(p):,}",
+                      published_summary(p), source or "—")
+    return table
+
+
+def frame_table(df, title: str, caption: str | None = None) -> Table:
+    """A DataFrame of display strings as a rich Table (markup escaped; numbers right-aligned)."""
+    from rich.markup import escape
+
+    table = Table(title=escape(title), caption=escape(caption) if caption else None, title_justify="left")
+    for col in df.columns:
+        values = [str(v) for v in df[col]]
+        numeric = all(v[:1].isdigit() or v[:1] == "−" or v in ("", "—") for v in values)
+        table.add_column(escape(str(col)), justify="right" if numeric else "left", overflow="fold")
+    for row in df.itertuples(index=False):
+        table.add_row(*[escape(str(v)) for v in row])
+    return table
+
+
+def print_against(report, out: Console) -> None:
+    """``plot --against``: the exponents measured and published, the values side by side, the notes."""
+    from rich.markup import escape
+
+    out.print(frame_table(report.exponent_display, f"Measured here vs published — {report.title}",
+                          "exponent: least-squares slope of log value on log N over the N both have (± s.e. with "
+                          "≥ 3 points); ratio: measured / published"))
+    out.print(frame_table(report.points_display, "Per N: measured, published, ratio; each against "
+                          f"{report.preset.baseline or 'the baseline'} (measured and published)"))
+    for note in report.notes:
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)

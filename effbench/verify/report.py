@@ -7,7 +7,8 @@ Every fact a reader needs is a field of :class:`CheckResult` (mode, result, reas
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,12 @@ class CheckResult:
     seeds: int | None = None  # fidelity rows: seeds averaged over
     target: str = ""  # fidelity rows: what the output is compared with
     knobs: str = ""  # the knob setting of the check
+    inputs: str = ""  # fidelity and trend rows: gaussian | minilm (the q, k, v the error was measured on)
+    error_std: float | None = None  # real inputs: spread of the per-head error across layers × heads
+    error_min: float | None = None
+    error_max: float | None = None
+    samples: int | None = None  # real inputs: layer × head pairs the error is averaged over (MiniLM: 72)
+    gaussian_error_rel: float | None = None  # real inputs: the same setting's error on Gaussian inputs
 
     @property
     def result(self) -> Outcome:
@@ -87,6 +94,8 @@ class VerifyReport:
     seed: int
     tolerance: float
     passed: bool = True
+    inputs: str = "gaussian"  # what the fidelity layer ran on (--inputs)
+    notes: list[str] = field(default_factory=list)  # said once above the table (e.g. N clamped to MiniLM's limit)
 
     def failing(self) -> dict[str, list[CheckResult]]:
         """Failing rows grouped by mechanism, in run order."""
@@ -114,9 +123,15 @@ def write_csv(report: VerifyReport, path: str | Path) -> Path:
     return path
 
 
-def read_csv(path: str | Path) -> pd.DataFrame:
-    """Read an ``effbench verify`` CSV (this version's or an older one with fewer columns); raise
-    ResultsError when it is missing or not one."""
+def read_csv(path: str | Path | list | tuple) -> pd.DataFrame:
+    """Read an ``effbench verify`` CSV (this version's or an older one with fewer columns), or several one after
+    the other (a list: their rows concatenated, e.g. a Gaussian run and a MiniLM one); raise ResultsError when
+    one is missing or not one."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise ResultsError("no verify file given")
+        frames = [read_csv(p) for p in path]
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"verify file not found: {path}")
@@ -130,3 +145,54 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ResultsError(f"{path} is not an effbench verify CSV (missing columns: {', '.join(missing)})")
     return df
+
+
+COMPARISON_COLUMNS = ("mechanism", "mode", "knob", "knob_value", "default", "inputs", "gaussian", "real", "std",
+                      "min", "max", "ratio", "samples")
+
+
+def inputs_comparison(rows: pd.DataFrame) -> pd.DataFrame:
+    """The real-input fidelity rows (``inputs`` not gaussian) with the Gaussian error of the same setting beside:
+    one row per mechanism, mode and knob value, in run order. ``gaussian`` and ``real`` are ‖o − target‖/‖v‖
+    (real: the mean over layers × heads; ``std``, ``min``, ``max`` across them), ``ratio`` = real / gaussian,
+    ``default`` whether the knob value is the mechanism's default (the setting a sweep measures). Empty (with
+    these columns) when there are no such rows, e.g. for a file from a Gaussian run or an older version."""
+    if "inputs" not in rows or "gaussian_error_rel" not in rows:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    inputs = rows["inputs"].fillna("").astype(str)
+    real = rows[rows["check"].eq("fidelity") & inputs.ne("") & inputs.ne("gaussian")]
+    real = real[pd.to_numeric(real["error_rel"], errors="coerce").notna()]
+    records = []
+    for r in real.to_dict("records"):
+        g = pd.to_numeric(r.get("gaussian_error_rel"), errors="coerce")
+        e = float(r["error_rel"])
+        knob = "" if pd.isna(r.get("knob")) else str(r.get("knob"))
+        records.append({"mechanism": r["mechanism"], "mode": r.get("mode", ""), "knob": knob,
+                        "knob_value": r.get("knob_value"), "default": _is_default(r["mechanism"], knob,
+                                                                                  r.get("knob_value")),
+                        "inputs": r["inputs"], "gaussian": float(g) if pd.notna(g) else None, "real": e,
+                        "std": r.get("error_std"), "min": r.get("error_min"), "max": r.get("error_max"),
+                        "ratio": e / float(g) if pd.notna(g) and g > 0 else None, "samples": r.get("samples")})
+    out = pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
+    if out.empty:
+        return out
+    # run order of mechanisms and modes; knob values ascending inside each (the default is run last)
+    order = {m: i for i, m in enumerate(dict.fromkeys(out["mechanism"]))}
+    value = pd.to_numeric(out["knob_value"], errors="coerce")
+    out = out.assign(_m=out["mechanism"].map(order), _mode=out["mode"].ne("bidirectional"), _v=value)
+    return out.sort_values(["_m", "_mode", "knob", "_v"], kind="stable").drop(columns=["_m", "_mode", "_v"]) \
+        .reset_index(drop=True)
+
+
+def _is_default(mechanism: str, knob: str, value: Any) -> bool:
+    """Whether ``value`` is the registered default of ``mechanism``'s ``knob`` (False for an unknown one)."""
+    import mechanisms
+
+    spec = mechanisms.REGISTRY.get(str(mechanism))
+    declared = next((k for k in spec.knobs if k.name == knob), None) if spec is not None and knob else None
+    if declared is None or value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    try:
+        return float(value) == float(declared.default)
+    except (TypeError, ValueError):
+        return str(value) == str(declared.default)
