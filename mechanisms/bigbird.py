@@ -7,7 +7,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from ._banded import Band, Gathered, Shared, additive_bias, band_matmul, neg_for
+from ._banded import Band, Extra, Layout, additive_bias, band_attention, band_plan
 from ._decode import StaticKV, attend_one
 from ._flex import PatternAttention, count_tiles, flex_reasons
 from .base import KV_HEADS, Fidelity, Knob, decreasing, register
@@ -88,12 +88,18 @@ class BigBirdAttention(PatternAttention):
     the future; the last block then sees everything before it, and no middle row sees it.
 
     eager: global rows are dense SDPA (2 blocks × N keys). Middle blocks are chunks of b
-    rows: their three neighbours are an ``unfold`` view of K/V (global neighbours masked there
-    because they are counted among the global keys), the global keys are shared by all rows, and
-    the r random blocks are gathered per block with ``index_select`` (nb, r) — scores of the
-    three parts are concatenated before one softmax.
-    Cost: 4·B·H·D·(2b·N + N·b·(3 + 2 + r)) FLOPs (causal 4·B·H·D·(b² + b·N + N·b·(2 + 1 + r))),
-    memory O(B·H·N·D) inference, O(B·H·N·b·(5 + r)) saved for the backward.
+    rows (:func:`._banded.band_attention`, the B·H sequences end to end): their three neighbours are an
+    ``unfold`` view of K/V (global neighbours masked there because they are counted among the global
+    keys); the global blocks and the r random blocks are extra keys gathered per block (``embedding``
+    with an index of (nb − 2, (2 + r)·b) positions; causal (1 + r)·b) — scores of the parts are
+    concatenated before one softmax. Row blocks: as many rows of all B·H sequences as ``temp_budget``
+    allows at 4·(2·(3b + X) + 2·X·D/b) bytes per fp32 row, X = (2 + r)·b extra keys (causal: span 2b,
+    X = (1 + r)·b): its scores and probabilities, its gathered extra keys and values. A call dispatches a
+    constant (~110 ops) plus ~18 per group, B·H·N·row bytes / budget groups.
+    Cost: 4·B·H·D·(2b·N + N·b·(3 + 2 + r)) FLOPs (causal 4·B·H·D·(b² + b·N + N·b·(2 + 1 + r))), plus the
+    blocks computed twice (the 2 global blocks of each sequence and its first and last middle block, and
+    causal its first ≤ r + 1 blocks, whose random blocks are missing; ``analytic_flops`` counts them
+    exactly); memory O(B·H·N·D) inference plus the budget, O(B·H·N·b·(5 + r)) saved for the backward.
 
     flex: ``flex_attention`` with the same mask, tiles of b×b (when b is a multiple of 16;
     128×128 otherwise), so the tile structure is the block structure.
@@ -179,11 +185,27 @@ class BigBirdAttention(PatternAttention):
         if nb <= 2:
             return None
         last = (nb - 1) * block
-        ok = (lambda d: d >= 0) if causal else (lambda d: d == d)
+        ok = (lambda d: d >= 0) if causal else (lambda d: torch.ones_like(d, dtype=torch.bool))
         return Band.make(L=N, q_start=block, q_stop=last, c=block, left=block, right=0 if causal else block,
                          kv_lo=block, kv_hi=(last,), offset_ok=ok)
 
     # -- eager ---------------------------------------------------------------------------
+    @staticmethod
+    def extra_for(n: int, block: int, causal: bool, index: torch.Tensor, valid: torch.Tensor) -> Extra:
+        """The extra keys of middle block I = t + 1: block 0, the last block (bidirectional; its positions
+        past n unused) and the r random blocks ``index[t]`` (missing ones unused): (nb − 2, X) positions."""
+        nb = -(-n // block)
+        nc, last = nb - 2, (nb - 1) * block
+        y = torch.arange(block)
+        pos, ok = [y.expand(nc, block)], [torch.ones(nc, block, dtype=torch.bool)]
+        if not causal:
+            pos.append((last + y).expand(nc, block))
+            ok.append((last + y < n).expand(nc, block))
+        if index.shape[1] > 0:
+            pos.append((index.cpu()[..., None] * block + y).flatten(1))  # (nc, r·b)
+            ok.append(valid.cpu().repeat_interleave(block, dim=1))  # (nc, r·b)
+        return Extra(torch.cat(pos, 1), torch.cat(ok, 1))
+
     def _make_plan(self, N: int, device: torch.device, dtype: torch.dtype) -> dict:
         if N != self.n:
             raise ValueError(f"bigbird was built for n={self.n} (its random blocks depend on it), got N={N}")
@@ -191,12 +213,10 @@ class BigBirdAttention(PatternAttention):
         plan: dict = {"band": band}
         if band is None:
             return plan
-        neg = neg_for(dtype)
-        b, last = self.block, (self.nb - 1) * self.block
-        plan["biases"] = band.biases(device, dtype, neg)
-        index, valid = self.rand_index.to(device), self.rand_valid.to(device)
-        slot_bias = additive_bias(valid, dtype, neg).repeat_interleave(b, dim=1)  # (nb−2, r·b)
-        plan["gathered"] = Gathered(index, b, self.nb - 1, slot_bias) if self.random_blocks > 0 else None
+        extra = self.extra_for(N, self.block, self.causal, self.rand_index[:, :self.random_blocks], self.rand_valid)
+        plan["kernel"] = band_plan(band, extra, device, dtype)
+        last = (self.nb - 1) * self.block
+        plan["global_rows"] = torch.cat([torch.arange(self.block), torch.arange(last, N)]).to(device)  # (b + N − last,)
         if self.causal:  # last block rows see every key j <= i: (N − last, N) bias, linear in N
             i = torch.arange(last, N, device=device)[:, None]  # (N − last, 1)
             j = torch.arange(N, device=device)[None, :]  # (1, N)
@@ -210,21 +230,19 @@ class BigBirdAttention(PatternAttention):
         if band is None:  # one or two blocks: every block is global, dense attention
             return sdpa(q, k, v, is_causal=self.causal, scale=self.scale)
         last = (self.nb - 1) * b
-        if self.causal:
-            first = sdpa(q[:, :, :b], k[:, :, :b], v[:, :, :b], is_causal=True, scale=self.scale)  # (B, H, b, D)
-            final = sdpa(q[:, :, last:], k, v, attn_mask=plan["last_bias"], scale=self.scale)  # (B, H, N − last, D)
-        else:
-            first = sdpa(q[:, :, :b], k, v, scale=self.scale)  # (B, H, b, D)
-            final = sdpa(q[:, :, last:], k, v, scale=self.scale)  # (B, H, N − last, D)
         qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))  # (B·H, N, D)
+        out = band_attention(qf, kf, vf, plan["kernel"], self.scale)  # (B·H, Lp, D), rows b … last − 1 set
         if self.causal:
-            shared = Shared(kf[:, :b], vf[:, :b])  # block 0; the last block is in every middle row's future
-        else:
-            shared = Shared(torch.cat([kf[:, :b], kf[:, last:]], 1), torch.cat([vf[:, :b], vf[:, last:]], 1))
-        middle = band_matmul(qf, kf, vf, band, plan["biases"], self.scale, shared=shared,
-                             gathered=plan["gathered"])  # (B·H, last − b, D)
-        out = torch.cat([first.flatten(0, 1), middle, final.flatten(0, 1)], dim=1)  # (B·H, N, D)
-        return out.unflatten(0, (B, H))  # (B, H, N, D)
+            first = sdpa(q.narrow(2, 0, b), k.narrow(2, 0, b), v.narrow(2, 0, b), is_causal=True,
+                         scale=self.scale)  # (B, H, b, D)
+            final = sdpa(q.narrow(2, last, N - last), k, v, attn_mask=plan["last_bias"],
+                         scale=self.scale)  # (B, H, N − last, D)
+            og = torch.cat([first, final], dim=2)  # (B, H, b + N − last, D)
+        else:  # both global blocks see every key: one SDPA
+            rows_g = torch.cat([q.narrow(2, 0, b), q.narrow(2, last, N - last)], dim=2)  # (B, H, b + N − last, D)
+            og = sdpa(rows_g, k, v, scale=self.scale)  # (B, H, b + N − last, D)
+        out.index_copy_(1, plan["global_rows"], og.flatten(0, 1))  # block 0 and the last block
+        return out.narrow(1, 0, N).unflatten(0, (B, H))  # (B, H, N, D)
 
     # -- decode --------------------------------------------------------------------------
     def decode_init(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> StaticKV:
@@ -298,17 +316,15 @@ class BigBirdAttention(PatternAttention):
                                 cls._candidates(n, block, tile, index, valid, causal), tile)
         else:
             band = cls.band_for(n, block, causal)
+            sb = batch * heads
             if band is None:
-                pairs = n * n
+                pairs = sb * n * n
             else:
                 last = (nb - 1) * block
-                if causal:
-                    pairs = block * block + (n - last) * n
-                    shared = block
-                else:
-                    pairs = block * n + (n - last) * n
-                    shared = block + (n - last)
-                pairs += band.nc * band.c * (band.span + shared + index.shape[1] * block * (random_blocks > 0))
+                pairs = sb * ((block * block if causal else block * n) + (n - last) * n)
+                extra = cls.extra_for(n, block, causal, index[:, :random_blocks], valid)
+                pairs += Layout.make(band, extra.ok).scored_keys(sb)
+            return 4 * head_dim * pairs
         return 4 * batch * heads * head_dim * pairs
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._banded import Band, Shared, band_matmul, band_sdpa, neg_for, pick_chunk
+from ._banded import (
+    Band,
+    Extra,
+    Layout,
+    band_attention,
+    band_plan,
+    band_sdpa,
+    pick_chunk,
+)
 from ._decode import RingKV, StaticKV, attend_parts
 from ._flex import PatternAttention, count_tiles, flex_reasons, tile_span_candidates
 from .base import KV_HEADS, Fidelity, Knob, decreasing, equals_dense_at, register
@@ -38,12 +46,17 @@ class LongformerAttention(PatternAttention):
     out_i = Σ_{j ∈ S(i)} softmax_j(q_i·k_j/√D) v_j.
 
     eager: the g global rows are dense attention over all N keys (causal: their first g, top-left
-    aligned), a g×N product. The other rows are cut into chunks of c ≈ 64 attending to an
+    aligned), a g×N product (fused SDPA). The other rows are cut into chunks of c ≈ 64 attending to an
     ``unfold`` view of their key span [t·c − w, t·c + c + w) with global keys masked out of the
-    span, and to the g global keys; band and global scores are concatenated before one softmax,
-    so each key is counted once. Groups of chunks are processed in turn to bound the live
-    scores. With g = 0 this is the local kernel (fused SDPA).
-    Cost: 4·B·H·D·(g·N + (N − g)·(c + 2w + g)) FLOPs; memory O(B·H·N·D) inference,
+    span, and to the g global keys (:func:`._banded.band_attention`, the B·H sequences end to end);
+    band and global scores are concatenated before one softmax, so each key is counted once.
+    Row blocks: as many rows of all B·H sequences as ``temp_budget`` allows at 4·(2·(c + 2w + g) + 2g·D/c)
+    bytes per fp32 row (causal c + w for c + 2w: its scores and probabilities, its gathered global keys and
+    values), so a call dispatches a constant (~110 ops) plus ~18 per group, B·H·N·row bytes / budget groups.
+    With g = 0 this is the local kernel (fused SDPA).
+    Cost: 4·B·H·D·(g·N + (N − g)·(c + 2w + g)) FLOPs, plus about 2w/c + 1 chunks per sequence (causal
+    w/c + 1) computed twice, once in the gap between two sequences of the flat layout and once with their own
+    masks (``analytic_flops`` counts them exactly); memory O(B·H·N·D) inference plus the budget,
     O(B·H·N·(c + 2w + g)) saved for the backward.
 
     flex: ``flex_attention`` with the same mask on 128×128 tiles (the first tile row and column
@@ -93,33 +106,40 @@ class LongformerAttention(PatternAttention):
                          kv_lo=g, kv_hi=(N,), offset_ok=local_offsets(window, causal))
 
     # -- eager ---------------------------------------------------------------------------
+    @staticmethod
+    def extra_for(band: Band, globals_: int) -> Extra:
+        """The extra keys of every band chunk: the g global positions, all used."""
+        return Extra(torch.arange(globals_).expand(band.nc, globals_), torch.ones(band.nc, globals_, dtype=torch.bool))
+
     def _make_plan(self, N: int, device: torch.device, dtype: torch.dtype) -> dict:
         band = self.band_for(N, self.window, self.globals, self.causal)
         g = min(self.globals, N)
-        neg = float("-inf") if g == 0 else neg_for(dtype)  # SDPA path handles -inf; matmul path uses finite
-        return {"band": band, "g": g, "biases": None if band is None else band.biases(device, dtype, neg)}
+        plan: dict = {"band": band, "g": g}
+        if band is not None and g == 0:
+            plan["biases"] = band.biases(device, dtype, float("-inf"))  # SDPA path handles -inf
+        elif band is not None:
+            plan["kernel"] = band_plan(band, self.extra_for(band, g), device, dtype)
+            plan["global_rows"] = torch.arange(g, device=device)  # (g,)
+        return plan
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict) -> torch.Tensor:
         B, H, N, D = q.shape
         band, g = plan["band"], plan["g"]
-        pieces = []
         if g > 0:  # 4-D slices so SDPA takes its fused kernel
+            qg = q.narrow(2, 0, g)  # (B, H, g, D)
             if self.causal:  # global row i < g sees j <= i: the first g keys, top-left causal
-                og = F.scaled_dot_product_attention(q[:, :, :g], k[:, :, :g], v[:, :, :g], is_causal=True,
+                og = F.scaled_dot_product_attention(qg, k.narrow(2, 0, g), v.narrow(2, 0, g), is_causal=True,
                                                     scale=self.scale)  # (B, H, g, D)
             else:
-                og = F.scaled_dot_product_attention(q[:, :, :g], k, v, scale=self.scale)  # (B, H, g, D)
-            pieces.append(og.flatten(0, 1))
-        if band is not None:
-            qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))  # (B·H, N, D)
-            if g == 0:
-                ob = band_sdpa(qf, kf, vf, band, plan["biases"], self.scale)  # (B·H, N, D)
-            else:
-                ob = band_matmul(qf, kf, vf, band, plan["biases"], self.scale,
-                                 shared=Shared(kf[:, :g], vf[:, :g]))  # (B·H, N − g, D)
-            pieces.append(ob)
-        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]  # (B·H, N, D)
-        return out.unflatten(0, (B, H))  # (B, H, N, D)
+                og = F.scaled_dot_product_attention(qg, k, v, scale=self.scale)  # (B, H, g, D)
+            if band is None:
+                return og  # every position is global
+        qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))  # (B·H, N, D)
+        if g == 0:
+            return band_sdpa(qf, kf, vf, band, plan["biases"], self.scale).unflatten(0, (B, H))  # (B, H, N, D)
+        out = band_attention(qf, kf, vf, plan["kernel"], self.scale)  # (B·H, Lp, D), rows g … N − 1 set
+        out.index_copy_(1, plan["global_rows"], og.flatten(0, 1))  # the global rows
+        return out.narrow(1, 0, N).unflatten(0, (B, H))  # (B, H, N, D)
 
     # -- decode --------------------------------------------------------------------------
     def decode_init(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[StaticKV, RingKV]:
@@ -165,9 +185,12 @@ class LongformerAttention(PatternAttention):
             pairs = count_tiles(longformer_pattern(window, globals, causal), n,
                                 cls._candidates(n, cls.flex_tile, window, globals, causal), cls.flex_tile)
         else:
-            g = min(globals, n)
-            pairs = g * (g if causal else n)
+            g, sb = min(globals, n), batch * heads
+            pairs = sb * g * (g if causal else n)
             band = cls.band_for(n, window, globals, causal)
-            if band is not None:
-                pairs += band.nc * band.c * (band.span + g)
+            if band is not None and g == 0:
+                pairs += sb * band.scored_keys()
+            elif band is not None:
+                pairs += Layout.make(band, cls.extra_for(band, g).ok).scored_keys(sb)
+            return 4 * head_dim * pairs
         return 4 * batch * heads * head_dim * pairs

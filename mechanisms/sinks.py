@@ -30,8 +30,10 @@ class SinkAttention(LongformerAttention):
 
     This is causal Longformer with its g = S global positions: a query i < S sees every j ≤ i,
     which are all sinks. Prefill runs Longformer's eager kernel (chunks of c ≈ 64 against their
-    window span and the S sink keys, one softmax; no N×N tensor):
-    4·B·H·D·(S² + (N − S)·(c + w + S)) FLOPs, memory O(B·H·N·D).
+    window span and the S sink keys, one softmax; no N×N tensor; the B·H sequences end to end, in
+    row blocks of ``temp_budget`` bytes at 4·(2·(c + w + S) + 2S·D/c) bytes per fp32 row):
+    4·B·H·D·(S² + (N − S)·(c + w + S)) FLOPs plus about w/c + 1 chunks per sequence computed twice,
+    memory O(B·H·N·D) plus the budget.
 
     Decode: a cache of S + w + 1 positions, constant in N (the S sinks and a ring of the last
     w + 1): 2·B·kv_heads·(S + w + 1)·D elements; a step costs 4·B·H·(S + w + 1)·D FLOPs.
