@@ -93,6 +93,27 @@ class Prediction:
     ops: int | None = None  # aten ops the tracked fake call dispatched (what the real call dispatches)
 
 
+def _tracked_and_counted(call: Callable[[], Any], backward: bool) -> tuple[memory.StorageTracker,
+                                                                          tuple[int, list[str]] | None]:
+    """The tracked fake call and its FLOPs (None if counting fails: FLOPs are then counted for real later).
+
+    Forward only, one call under both the tracker and FlopCounterMode (at N = 1M a prediction's time is its op
+    count). With a backward they are two calls: FlopCounterMode's module tracker hooks the autograd graph, which
+    keeps saved tensors alive longer and would change the tracked peak."""
+    if not backward:
+        try:
+            with flop_counter.counting() as found:
+                tracker, _ = memory.track(call)
+            return tracker, (found.total, found.missing)
+        except Exception:
+            return memory.track(call)[0], None
+    tracker, _ = memory.track(call)
+    try:
+        return tracker, flop_counter.count_flops(call)
+    except Exception:
+        return tracker, None
+
+
 def predict(case: Case) -> Prediction:
     """Predicted peak bytes (and FLOPs) of one call, on fake tensors: nothing of size N is allocated.
 
@@ -112,11 +133,7 @@ def predict(case: Case) -> Prediction:
         inputs, call = workload.make_call(case, module)
         input_bytes = int(sum(t.untyped_storage().nbytes() for t in inputs)) + params
         call()  # warm, as the real passes measure a warm call: lazily built state is not part of the peak
-        tracker, _ = memory.track(call)
-        try:
-            counted = flop_counter.count_flops(call)
-        except Exception:  # FLOPs are counted for real later
-            counted = None
+        tracker, counted = _tracked_and_counted(call, backward=case.mode == "fwd+bwd")
     return Prediction(predicted_bytes=int(tracker.peak), param_bytes=params, input_bytes=input_bytes, flops=counted,
                       ops=tracker.dispatched)
 
@@ -132,11 +149,7 @@ def predict_decode(case: Case) -> Prediction:
         w = decoding.decode_workload(case, module)
         held, _ = w.fill()
         w.step()  # warm
-        tracker, _ = memory.track(w.step)
-        try:
-            counted = flop_counter.count_flops(w.step)
-        except Exception:
-            counted = None
+        tracker, counted = _tracked_and_counted(w.step, backward=False)  # decode is inference
     return Prediction(predicted_bytes=int(tracker.peak), param_bytes=w.param_bytes, input_bytes=w.input_bytes() + held,
                       flops=counted, state_bytes=held, ops=tracker.dispatched)
 

@@ -9,7 +9,9 @@ covers are reported, so a caller can fall back to the mechanism's analytic count
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils.flop_counter as fc
@@ -50,12 +52,30 @@ class _Uncounted(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_flops(fn: Callable[[], Any]) -> tuple[int, list[str]]:
-    """Run ``fn`` once under FlopCounterMode; return (total FLOPs, uncounted heavy op names)."""
+@dataclass
+class FlopCount:
+    """What :func:`counting` found once its block has run: total FLOPs and the uncounted heavy op names."""
+
+    total: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[FlopCount]:
+    """Count the FLOPs of everything run inside (FlopCounterMode, with the CPU SDPA mapping); the yielded
+    :class:`FlopCount` is filled in on exit. Lets another pass (the prediction's tracker) share the call."""
     mapping = _custom_mapping()
     known = set(fc.flop_registry) | {op.overloadpacket if hasattr(op, "overloadpacket") else op for op in mapping}
     counter = fc.FlopCounterMode(display=False, custom_mapping=mapping)
     watcher = _Uncounted(known)
+    found = FlopCount()
     with counter, watcher:
+        yield found
+    found.total, found.missing = int(counter.get_total_flops()), sorted(watcher.missing)
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, list[str]]:
+    """Run ``fn`` once under FlopCounterMode; return (total FLOPs, uncounted heavy op names)."""
+    with counting() as found:
         fn()
-    return int(counter.get_total_flops()), sorted(watcher.missing)
+    return found.total, found.missing
