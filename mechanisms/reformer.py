@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._budget import rows_within, temp_budget
 from .base import Fidelity, Knob, decreasing, register
 
 
@@ -53,15 +55,22 @@ class ReformerAttention(nn.Module):
 
     Cost per round: hashing N·D·n_b FLOPs (2N²·D/c with the default n_b ≈ 2N/c: FLOPs
     are linear in N only for a fixed ``buckets``), sorting N log N, attention 4·N·2c·D
-    FLOPs. Memory O(N·(c + D)) whatever R: rounds run one after the other, heads in groups
-    whose chunk scores stay under SCORE_BUDGET elements, hashing in blocks of HASH_BLOCK
-    projections; no N×N tensor and no duplicate-count tensor.
+    FLOPs (plus the G−1 windows straddling two heads). Memory O(N·(c + D)) whatever R:
+    rounds run one after the other, every head of a round at once. Work goes in blocks
+    sized from one byte budget of live temporaries (``_budget.temp_budget``: 64 MiB on the
+    CPU, 1 GiB on CUDA): a hashed row costs its R·n_b/2 float32 projections, a sorted query
+    row its 2c scores and their softmax (4c·itemsize bytes; 2c·itemsize with several rounds),
+    so a call dispatches a constant number of ops (~65, ~60 more per extra round) plus ~4 per
+    hashing block and ~8 (causal ~10; several rounds ~12, ~14) per block of windows (counted on
+    fake tensors, views included): blocks of tens of thousands of rows at the default sizes
+    (with the default n_b ≈ 2N/c a hashed row costs 4N/c bytes, so hashing blocks shrink as N
+    grows). No N×N tensor and no duplicate-count tensor.
     """
 
     fidelity = (Fidelity("rounds", (1, 2, 4, 8), (decreasing(),), why="more rounds, fewer neighbours lost to hashing"),)
-    exact_at = {"rounds": 1, "bucket": "N"}  # one chunk, one round: dense shared-QK attention
+    exact_at: ClassVar[dict] = {"rounds": 1, "bucket": "N"}  # one chunk, one round: dense shared-QK attention
     exact_label = "dense shared-QK"
-    linear_at = {"buckets": 64}  # the default n_b ≈ 2N/c makes hashing FLOPs quadratic
+    linear_at: ClassVar[dict] = {"buckets": 64}  # the default n_b ≈ 2N/c makes hashing FLOPs quadratic
 
     supports_causal = True
     no_decode_reason = ("not implemented: a new token's LSH bucket neighbours come from re-sorting every past key "
@@ -71,8 +80,8 @@ class ReformerAttention(nn.Module):
     SELF_SCORE = -1e5  # HF self_mask_value_float32
     SELF_SCORE_FP16 = -1e3  # HF self_mask_value_float16 (−1e5 overflows float16)
     EPS = 1e-6  # HF _len_norm epsilon
-    SCORE_BUDGET = 1 << 24  # elements of chunk scores per group of heads (64 MiB in fp32)
-    HASH_BLOCK = 1 << 22  # rotated-vector elements per hashing block (16 MiB in fp32)
+    EXP_FLOOR = -80.0  # several rounds: exp arguments clamped from below (weight <= e^-80 ≈ 2e-35 vs the row's max)
+    temp_bytes: int | None = None  # live-temporary budget; None: _budget.temp_budget(device) (tests set it small)
 
     def __init__(self, *, head_dim: int, heads: int, n: int, causal: bool, seed: int,
                  rounds: int, bucket: int, buckets: int):
@@ -106,31 +115,39 @@ class ReformerAttention(nn.Module):
         sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()  # (..., 1)
         return x * torch.rsqrt(sq + x.shape[-1] * self.EPS)
 
+    def _budget(self, device: torch.device) -> int:
+        return self.temp_bytes or temp_budget(device)
+
     @torch.no_grad()
     def hash(self, x: torch.Tensor) -> torch.Tensor:
-        """Buckets of every round: argmax([xR_r; −xR_r]), first maximum on ties. x (G, N, D) -> (G, R, N) int64.
+        """Buckets of every round: argmax([xR_r; −xR_r]), first maximum on ties. x (G, N, D) -> (G, N, R) int64.
 
-        Without forming the concatenation: per row, the larger of max(xR) and −min(xR) names
-        the half, and the first column equal to that extreme (argmin of |xR − extreme|, which
-        is 0 exactly there) the bucket: the same index torch.argmax would return. All rounds
-        share one matmul; rows go in blocks of at most HASH_BLOCK projections.
+        Without forming the concatenation: per row and round, max(xR) at its first index names a bucket of
+        the first half, min(xR) at its first index one of the second; the first half wins when max ≥ −min:
+        the index torch.argmax would return. All rounds share one matmul over the G·N rows, in blocks whose
+        live temporaries are the projections, R·n_b/2 float32 a row (4 ops a block; the maxima, minima and
+        their indices, 24·R bytes a row, are the output). With the default n_b ≈ 2N/c the projections total
+        O(N²/c) bytes, so the number of blocks grows as N² there (a fixed ``buckets`` keeps it linear).
         """
         D, R, half = self.rotations.shape
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # hash fp16/bf16 inputs in float32
-        rot = self.rotations.to(x.dtype).reshape(D, R * half)  # (D, R·h), h = n_b/2
+        rot = self.rotations.to(x.dtype).view(D, R * half)  # (D, R·h), h = n_b/2
         G, N, _ = x.shape
-        out = torch.empty(G, R, N, dtype=torch.long, device=x.device)  # (G, R, N)
-        step = max(1, self.HASH_BLOCK // max(1, R * half * G))
-        for a in range(0, N, step):
-            proj = torch.matmul(x[:, a:a + step], rot).unflatten(-1, (R, half))  # (G, rows, R, h)
-            hi = proj.amax(dim=-1, keepdim=True)  # (G, rows, R, 1)
-            lo = proj.amin(dim=-1, keepdim=True)
-            upper = hi >= -lo  # the maximum of [p; −p] is in the first half (ties: first half)
-            idx = proj.sub_(torch.where(upper, hi, lo)).abs_().argmin(dim=-1)  # (G, rows, R)
-            idx += (~upper[..., 0]) * half
-            out[:, :, a:a + step] = idx.transpose(1, 2)
+        step = rows_within(self._budget(x.device), R * half * x.element_size(), G * N)
+        extremes = [], [], [], []  # max, its index, min, its index: (rows[, R]) pieces
+        # One block's projections, reused: on the CPU a fresh tensor above 32 MiB comes from new mmap pages
+        # (glibc), ~0.5 ms per MiB of page faults on every block.
+        buf = x.new_empty(step, R * half)  # (step, R·h)
+        for xb in _split(x.reshape(G * N, D), step):  # (rows, D)
+            proj = torch.mm(xb, rot, out=buf if len(xb) == step else buf.narrow(0, 0, len(xb)))  # (rows, R·h)
+            if R > 1:
+                proj = proj.view(-1, R, half)  # (rows, R, h)
+            for pieces, value in zip(extremes, (*proj.max(dim=-1), *proj.min(dim=-1))):  # first index of each
+                pieces.append(value)
             del proj
-        return out
+        del buf
+        hi, i_hi, lo, i_lo = (_cat(t) for t in extremes)  # (G·N[, R]) each
+        return torch.where(hi >= lo.neg_(), i_hi, i_lo.add_(half)).view(G, N, R)  # (G, N, R)
 
     def _self_score(self, dtype: torch.dtype) -> float:
         return self.SELF_SCORE_FP16 if dtype == torch.float16 else self.SELF_SCORE
@@ -150,10 +167,7 @@ class ReformerAttention(nn.Module):
         vv = v.reshape(B * H, N, D)  # (BH, N, D)
         if n_chunks == 1:  # every round sees every key: plain attention, the counts cancel
             return self._dense(x, vv).reshape(B, H, N, D)
-        group = max(1, self.SCORE_BUDGET // (N * 2 * c))
-        outs = [self._lsh(x[a:a + group], vv[a:a + group], c, n_chunks) for a in range(0, B * H, group)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (BH, N, D)
-        return out.reshape(B, H, N, D)
+        return self._lsh(x, vv, c, n_chunks).view(B, H, N, D)
 
     def _dense(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One chunk holding everything (N <= c). x, v (G, N, D) -> (G, N, D)."""
@@ -166,70 +180,92 @@ class ReformerAttention(nn.Module):
         return torch.matmul(torch.softmax(s, dim=-1), v)  # (G, N, D)
 
     def _lsh(self, x: torch.Tensor, v: torch.Tensor, c: int, n_chunks: int) -> torch.Tensor:
-        """All rounds for a group of G heads. x, v (G, N, D) -> (G, N, D).
+        """All rounds for all G = B·H heads. x, v (G, N, D) -> (G, N, D) contiguous.
 
         Layout: each head's sorted sequence is preceded by a copy of its last chunk, and the
         heads are laid end to end, G·(C+1) chunks of c rows. Window w = chunks w and w+1
         (previous, current), an overlapping ``unfold`` view, so one batched matmul scores
-        every chunk against [previous; current] with no concatenation; the G−1 windows that
-        straddle two heads are computed and thrown away (1/(C+1) of the work).
+        a block of windows against [previous; current] with no concatenation; the G−1 windows
+        that straddle two heads are computed and thrown away (1/(C+1) of the work). Rounds run
+        one after the other (each gathers O(N·D) sorted copies; all at once would hold R times
+        that), every head of a round at once, its windows in blocks (``_round``).
         """
-        G, N, D = x.shape
-        lay = _Layout.of(x, v, c, n_chunks)
+        lay = _Layout.of(x, v, c, n_chunks, pad_bias=not self.causal)
+        orders = torch.sort(self.hash(x), dim=1, stable=True).indices.unbind(-1)  # R × (G, N) by (bucket, position)
         acc = None  # running (Σ_r w_r·o_r, Σ_r w_r, M) over the rounds
-        buckets = self.hash(x)  # (G, R, N)
-        for r in range(self.rounds):
-            order = torch.sort(buckets[:, r], dim=-1, stable=True).indices  # (G, N) by (bucket, position)
-            if lay.n_pad > N:
-                order = torch.cat([order, lay.tail], dim=-1)  # (G, Np)
-            o, m, l = self._round(lay, order)  # (W, c, D); (W, c, 1) each, None for one round
-            back = lay.unsort(order)  # (G·N,)
-            o_r = o.view(lay.windows * c, D).index_select(0, back).view(G, N, D)  # (G, N, D)
+        for order in orders:
+            o_r, lse_r = self._round(lay, order)  # (G, N, D), (G, N, 1)
             if self.rounds == 1:
                 return o_r
-            lse_r = (m + torch.log(l)).view(lay.windows * c).index_select(0, back).view(G, N, 1)  # (G, N, 1)
             acc = _combine_rounds(acc, o_r, lse_r)
             del o_r
         return acc[0].div_(acc[1])
 
-    def _round(self, lay: "_Layout", order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                       torch.Tensor | None]:
+    def _round(self, lay: _Layout, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One round in sorted order: every chunk against [previous; current] (see ``_lsh``).
 
-        order (G, Np): the positions in sorted order, padded slots last. Returns o (W, c, D) and,
-        for several rounds, the row max m (W, c, 1) and the sum l (W, c, 1) of exp(s − m), o being
-        already divided by l. Cost: 4·W·c·2c·D FLOPs; live scores W·c·2c elements.
+        order (G, N): the positions in sorted order. Returns the output o (G, N, D) by position and,
+        for several rounds, its logsumexp (G, N, 1). The sorted queries, keys k̂ and values are
+        gathered once per round (O(N·D) each); the windows then go in blocks of views whose live
+        temporaries are the scores: a query row costs its 2c scores and their softmax, 4c·itemsize
+        bytes (several rounds: 2c·itemsize, exponentiated in place, for the logsumexp); a block holds
+        temp_budget / that rows, and a round is a constant number of ops plus ~8 (causal ~10; several
+        rounds ~12, ~14) per block. Causal: the (W, c, 2c) comparison j > i of the round is formed once,
+        2c bytes a row (O(N·c), like the sorted copies). Cost: 4·W·c·2c·D FLOPs.
         """
-        c, W = lay.c, lay.windows
+        c, W, N, Np = lay.c, lay.windows, lay.n, lay.n_pad
         D = lay.x_flat.shape[1]
-        order_ext = torch.cat([order[:, -c:], order], dim=-1)  # (G, Np + c)
-        rows = (order_ext + lay.heads * lay.n_pad).reshape(-1)  # (G·(Np + c),)
-        xs = lay.x_flat.index_select(0, rows)  # (G·(Np + c), D)
-        vs = lay.v_flat.index_select(0, rows)  # (G·(Np + c), D)
-        qw = xs[c:].view(W, c, D)  # (W, c, D) queries of window w = chunk w+1
-        kw = self.keys(xs).unfold(0, 2 * c, c)  # (W, D, 2c) view
-        vw = vs.unfold(0, 2 * c, c).transpose(1, 2)  # (W, 2c, D) view
-        s = torch.matmul(qw, kw)  # (W, c, 2c)
-        del xs, qw, kw  # free the sorted queries/keys now (without autograd holding them)
-        self._mask_windows(s, lay, order_ext)
-        if self.rounds == 1:  # no logsumexp needed: the fused softmax kernel
-            return torch.matmul(torch.softmax(s, dim=-1), vw), None, None  # (W, c, D)
-        m = s.detach().amax(dim=-1, keepdim=True)  # (W, c, 1), finite: the self score is
-        e = s.sub_(m).exp_()  # (W, c, 2c)
-        l = e.sum(dim=-1, keepdim=True)  # (W, c, 1), >= 1
-        return torch.matmul(e, vw).div_(l), m, l  # (W, c, D)
-
-    def _mask_windows(self, s: torch.Tensor, lay: "_Layout", order_ext: torch.Tensor) -> None:
-        """In place on the scores s (W, c, 2c): causal or padded keys −inf, the self score last."""
-        c, C, W, N = lay.c, lay.chunks, lay.windows, lay.n
+        if Np > N:
+            order = torch.cat([order, lay.tail], dim=1)  # (G, Np), padded slots last
+        order_ext = torch.cat([order.narrow(1, Np - c, c), order], dim=1)  # (G, Np + c)
+        rows = order_ext.add(lay.base).view(-1)  # (G·(Np + c),) row of x_flat / v_flat
+        xs = lay.x_flat.index_select(0, rows)  # (G·(Np + c), D) sorted queries
+        vs = lay.v_flat.index_select(0, rows)  # (G·(Np + c), D) sorted values
+        blocks = [xs.view(W + 1, c, D).narrow(0, 1, W),  # (W, c, D) queries of window w = chunk w+1
+                  self.keys(xs).unfold(0, 2 * c, c),  # (W, D, 2c) sorted keys k̂ of chunks w, w+1
+                  vs.unfold(0, 2 * c, c).transpose(1, 2)]  # (W, 2c, D) their values
+        del xs, vs
+        if lay.key_bias is not None:
+            blocks.append(lay.key_bias)  # (W, 1, 2c) −inf on padded key slots
         if self.causal:  # j <= i; padded slots have positions >= N, always in the future
-            pos = order_ext.reshape(-1)  # (G·(Np + c),)
-            s.masked_fill_(pos.unfold(0, 2 * c, c)[:, None, :] > pos[c:].view(W, c, 1), float("-inf"))
-        elif lay.n_pad > N:  # padded key slots: the tail of each head's last chunk
-            real = N - (C - 1) * c
-            s[0::C + 1, :, real:c] = float("-inf")  # chunk 0: its previous chunk is the last one
-            s[C - 1::C + 1, :, c + real:] = float("-inf")  # the last chunk itself
-        s[:, :, c:].diagonal(dim1=1, dim2=2).fill_(self._self_score(s.dtype))  # self only if nothing else
+            pos = order_ext.view(-1)  # (G·(Np + c),)
+            blocks.append(pos.unfold(0, 2 * c, c).unsqueeze(1) > pos.view(W + 1, c, 1).narrow(0, 1, W))  # (W, c, 2c)
+        one = self.rounds == 1  # no logsumexp needed: the fused softmax, out of place
+        self_score = self._self_score(blocks[0].dtype)
+        row_bytes = 2 * c * (2 if one else 1) * blocks[0].element_size()
+        step = rows_within(self._budget(order.device), row_bytes, W * c, multiple=c) // c  # windows per block
+        outs, maxes, sums = [], [], []
+        scores, probs = _Scratch(blocks[0], step, W, (c, 2 * c)), _Scratch(blocks[0], step, W, (c, 2 * c))
+        for qb, kb, vb, *rest in zip(*(_split(t, step) for t in blocks)):
+            if lay.key_bias is None:
+                s = torch.bmm(qb, kb, out=scores.take(len(qb)))  # (Wb, c, 2c)
+            else:
+                s = torch.baddbmm(rest.pop(0), qb, kb, out=scores.take(len(qb)))  # (Wb, c, 2c), padded keys −inf
+            if self.causal:
+                s.masked_fill_(rest[0], float("-inf"))  # the future
+            s.masked_fill_(lay.self_mask, self_score)  # query i against key c + i: itself
+            if one:
+                outs.append(torch.bmm(probs.softmax(s), vb))  # (Wb, c, D)
+            else:
+                with torch.no_grad():
+                    m = s.amax(dim=-1, keepdim=True)  # (Wb, c, 1), finite: the self score is
+                    s.sub_(m).clamp_min_(self.EXP_FLOOR)  # −inf and −1e5: exp's fast range, weight <= e^-80
+                e = s.exp_()  # (Wb, c, 2c) in place; autograd sees exp(s): the shift cancels
+                sums.append(e.sum(dim=-1, keepdim=True))  # (Wb, c, 1), >= exp(0)
+                outs.append(torch.bmm(e, vb))  # (Wb, c, D), unnormalised
+                maxes.append(m)
+                del e
+            del s
+        del blocks, qb, kb, vb, rest, scores, probs
+        o = _cat(outs)  # (W, c, D)
+        del outs
+        back = lay.unsort(order)  # (G·N,) sorted row of each position
+        if one:
+            return o.view(W * c, D).index_select(0, back).view(lay.heads, N, D), None  # (G, N, D) by position
+        l = _cat(sums)  # (W, c, 1)
+        o = o.div_(l).view(W * c, D).index_select(0, back).view(lay.heads, N, D)  # (G, N, D) by position
+        lse = torch.log(l).add_(_cat(maxes))  # (W, c, 1)
+        return o, lse.view(W * c, 1).index_select(0, back).view(lay.heads, N, 1)  # (G, N, D), (G, N, 1)
 
     # --------------------------------------------------------------- reference
 
@@ -243,12 +279,12 @@ class ReformerAttention(nn.Module):
         s = s.masked_fill(eye, self._self_score(s.dtype))
         count = torch.zeros(B * H, N, N, dtype=q.dtype, device=q.device)  # (BH, N, N)
         x = q.reshape(B * H, N, D)  # (BH, N, D)
-        buckets = self.hash(x) if n_chunks > 1 else None  # (BH, R, N)
+        buckets = self.hash(x) if n_chunks > 1 else None  # (BH, N, R)
         for r in range(self.rounds):
             if n_chunks == 1:
                 count += 1
                 continue
-            order = torch.sort(buckets[:, r], dim=-1, stable=True).indices  # (BH, N)
+            order = torch.sort(buckets[..., r], dim=-1, stable=True).indices  # (BH, N)
             slot = torch.argsort(order, dim=-1)  # (BH, N) slot of each position
             chunk = slot // c  # (BH, N)
             same = chunk[:, None, :] == chunk[:, :, None]  # (BH, Nq, Nk)
@@ -264,45 +300,89 @@ class ReformerAttention(nn.Module):
 
 @dataclass
 class _Layout:
-    """The extended sorted layout of ``_lsh`` for G heads of N positions, C chunks of c rows."""
+    """The extended sorted layout of ``_lsh`` for G heads of N positions, C chunks of c rows (per call).
+
+    Extended row g·(Np + c) + j holds slot (j − c) mod Np of head g's sorted order: first a copy of the
+    last chunk, then the Np slots (slots N.. are the padded positions, sorted after every real one)."""
 
     n: int
     c: int
+    heads: int  # G
     chunks: int  # C
     n_pad: int  # Np = C·c
     x_flat: torch.Tensor  # (G·Np, D), zero rows at the padded slots
     v_flat: torch.Tensor  # (G·Np, D)
-    heads: torch.Tensor  # (G, 1) head index
-    tail: torch.Tensor  # (G, Np − N) padded positions N.., sorted after every real one
-    slots: torch.Tensor  # (G, Np) 0..Np−1
+    base: torch.Tensor  # (G, 1) g·Np: x_flat row of head g's position 0
+    tail: torch.Tensor  # (G, Np − N) padded positions N..
+    slots: torch.Tensor  # (G, Np) g·(Np + c) + slot: the windows' output row of each slot
+    key_bias: torch.Tensor | None  # (W, 1, 2c) −inf on padded key slots, 0 elsewhere; None: no padding or causal
+    self_mask: torch.Tensor  # (c, 2c) query i of a window against key c + i, itself
 
     @classmethod
-    def of(cls, x: torch.Tensor, v: torch.Tensor, c: int, n_chunks: int) -> "_Layout":
+    def of(cls, x: torch.Tensor, v: torch.Tensor, c: int, n_chunks: int, pad_bias: bool) -> _Layout:
         """x, v (G, N, D), padded to C·c rows per head (zero vectors at positions N..) and flattened."""
         G, N, D = x.shape
         n_pad = n_chunks * c
+        dev = x.device
         if n_pad > N:  # padded slots: zero vectors at positions N.., sorted after every real position
-            x_p = F.pad(x, (0, 0, 0, n_pad - N))  # (G, Np, D)
-            v_p = F.pad(v, (0, 0, 0, n_pad - N))  # (G, Np, D)
-        else:
-            x_p, v_p = x, v
+            x, v = F.pad(x, (0, 0, 0, n_pad - N)), F.pad(v, (0, 0, 0, n_pad - N))  # (G, Np, D) each
+        key_bias = None
+        if pad_bias and n_pad > N:  # padded slots >= N, in the copied last chunk and at the end
+            slot = torch.arange(-c, n_pad, device=dev).remainder_(n_pad)  # (Np + c,)
+            bias = torch.zeros(n_pad + c, dtype=x.dtype, device=dev).masked_fill_(slot >= N, float("-inf"))
+            key_bias = bias.repeat(G).unfold(0, 2 * c, c).unsqueeze(1)  # (W, 1, 2c)
+        ext = torch.arange(0, G * (n_pad + c), n_pad + c, device=dev).unsqueeze(1)  # (G, 1)
         return cls(
-            n=N, c=c, chunks=n_chunks, n_pad=n_pad,
-            x_flat=x_p.reshape(G * n_pad, D), v_flat=v_p.reshape(G * n_pad, D),  # (G·Np, D)
-            heads=torch.arange(G, device=x.device)[:, None],  # (G, 1)
-            tail=torch.arange(N, n_pad, device=x.device).expand(G, -1),  # (G, Np − N)
-            slots=torch.arange(n_pad, device=x.device).expand(G, -1),  # (G, Np)
+            n=N, c=c, heads=G, chunks=n_chunks, n_pad=n_pad,
+            x_flat=x.reshape(G * n_pad, D), v_flat=v.reshape(G * n_pad, D),  # (G·Np, D)
+            base=torch.arange(0, G * n_pad, n_pad, device=dev).unsqueeze(1),  # (G, 1)
+            tail=torch.arange(N, n_pad, device=dev).expand(G, -1) if n_pad > N else None,  # (G, Np − N)
+            slots=torch.arange(n_pad, device=dev).add(ext),  # (G, Np)
+            key_bias=key_bias, self_mask=torch.arange(2 * c, device=dev) == torch.arange(c, 2 * c, device=dev)[:, None],
         )
 
     @property
     def windows(self) -> int:
         """W = G·(C+1) − 1 windows of 2c keys."""
-        return self.heads.shape[0] * (self.chunks + 1) - 1
+        return self.heads * (self.chunks + 1) - 1
 
     def unsort(self, order: torch.Tensor) -> torch.Tensor:
-        """(G·N,) output row of each position: position p of head g sits at g·(Np + c) + slot(p)."""
+        """(G·N,) output row of each position: window w's queries are extended rows (w+1)·c .., so position p
+        of head g, at extended row g·(Np + c) + c + slot(p), is output row g·(Np + c) + slot(p)."""
         inv = torch.empty_like(order).scatter_(1, order, self.slots)  # (G, Np)
-        return (inv[:, :self.n] + self.heads * (self.n_pad + self.c)).reshape(-1)  # (G·N,)
+        if self.n_pad > self.n:
+            inv = inv.narrow(1, 0, self.n)  # (G, N)
+        return inv.reshape(-1)  # (G·N,)
+
+
+class _Scratch:
+    """One block's buffer, reused by every block of a call when nothing needs the block's tensors afterwards
+    (no autograd) and there are several blocks. On the CPU a fresh tensor of 32 MiB or more comes from new mmap
+    pages (glibc), whose page faults cost ~0.5 ms per MiB on every block; one buffer pays that once a call.
+    Otherwise ``take`` gives None (``out=None``: a fresh tensor)."""
+
+    def __init__(self, like: torch.Tensor, step: int, total: int, shape: tuple[int, ...]):
+        reuse = step < total and not torch.is_grad_enabled()
+        self.buf = like.new_empty(step, *shape) if reuse else None  # (step, *shape)
+
+    def take(self, rows: int) -> torch.Tensor | None:
+        if self.buf is None:
+            return None
+        return self.buf if rows == self.buf.shape[0] else self.buf.narrow(0, 0, rows)
+
+    def softmax(self, s: torch.Tensor) -> torch.Tensor:
+        """softmax over the last dim, into the buffer when there is one."""
+        out = self.take(s.shape[0])
+        return torch.softmax(s, dim=-1) if out is None else torch.ops.aten._softmax.out(s, -1, False, out=out)
+
+
+def _split(t: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+    """Blocks of ``step`` along dim 0 (views; the tensor itself when it is one block)."""
+    return (t,) if step >= t.shape[0] else t.split(step)
+
+
+def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
 
 def _combine_rounds(acc: tuple | None, o_r: torch.Tensor, lse_r: torch.Tensor) -> tuple:

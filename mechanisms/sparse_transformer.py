@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ._banded import SCORE_BUDGET, Band, _chunk_groups, additive_bias, key_spans, neg_for, query_chunks, rows
+from ._budget import rows_within, temp_budget
 from ._decode import RingKV, StaticKV, attend_one, attend_parts
 from ._flex import PatternAttention
 from .base import KV_HEADS, Fidelity, Knob, equals_dense_at, register
 
 PATTERNS = ("strided", "fixed")
-CHUNK_ROWS = 64  # query rows per chunk: the multiple of l nearest 64 from below (l itself when l >= 64)
-CAUSAL_GROUPS = 8  # causal: at least this many groups of chunks per sequence (each skips the keys after it)
+WINDOW_ROWS = 64  # query rows of a local window: strided 64 (any l), fixed the multiple of l nearest 64 from below
+EXP_FLOOR = -80.0  # exp arguments are clamped to this from below (see _softmax_parts)
 
 
 def auto_stride(n: int) -> int:
@@ -60,16 +62,21 @@ def summary_positions(x: int, stride: int, summary: int, device: torch.device | 
     return (s // summary) * stride + (stride - summary) + s % summary
 
 
+def neg_for(dtype: torch.dtype) -> float:
+    """Finite "minus infinity" for masked scores: exp() gives exactly 0, no row is ever NaN, and a score added to
+    it (a masked score is neg + q·k/√D) cannot overflow to −inf."""
+    return torch.finfo(dtype).min / 2
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """Chunks, groups and extra key widths of the eager kernel for one (n, pattern, l, c, causal), on no device.
+    """Sizes of the eager kernel for one (n, pattern, l, c, causal), on no device.
 
-    Chunks are ``chunk = m·l`` query rows (m = max(1, ⌊64/l⌋), capped by the rows), so a chunk is m whole
-    periods (strided) or m whole blocks (fixed). ``band`` is the chunked local part: strided |i − j| < l
-    (span chunk + 2(l − 1), causal chunk + l − 1), fixed the chunk itself (span = chunk, block-diagonal).
-    ``groups`` are (g0, g1, kind, t0, width): chunks [g0, g1) processed together (scores bounded by the
-    budget; causal: at least :data:`CAUSAL_GROUPS` groups), with ``width`` extra keys per row (strided: key
-    periods, fixed: summary columns; 0: none), causal only those before the group's last row.
+    Local part: rows in windows of ``chunk`` query rows, window t (of a sequence) against the keys
+    [t·chunk − left, t·chunk + chunk + right), ``span`` of them (strided: chunk = 64 rows, left = l − 1,
+    right = l − 1 or, causal, 0; fixed: chunk = m·l, m whole blocks, left = right = 0, block-diagonal); each
+    sequence padded to ``chunks``·chunk rows. Extra part: strided the P = ⌈n/l⌉ key periods of a row's residue
+    class (``extra`` = P), fixed the S summary columns (``extra`` = S); 0 when there is one period or block.
     """
 
     n: int
@@ -78,44 +85,43 @@ class Geometry:
     stride: int
     summary: int  # c in force, min(c, l)
     chunk: int
-    band: Band
+    left: int
+    right: int
+    span: int
+    chunks: int  # windows per sequence
     periods: int  # ⌈n/l⌉ key periods (strided) or blocks (fixed)
-    extra: int  # extra keys of a full row: periods (strided) or summary columns (fixed); 0 when none exist
-    groups: tuple
+    extra: int  # extra keys of a row: periods (strided) or summary columns (fixed); 0 when none exist
 
     @classmethod
-    def make(cls, *, n: int, pattern: str, stride: int, summary: int, causal: bool,
-             budget: int = SCORE_BUDGET) -> Geometry:
+    def make(cls, *, n: int, pattern: str, stride: int, summary: int, causal: bool) -> Geometry:
         l = stride
         c = min(summary, l)
         periods = -(-n // l)
-        m = max(1, min(CHUNK_ROWS // l, periods))
-        chunk = m * l
         if pattern == "strided":
-            reach = min(l - 1, max(n - 1, 0))
-            left, right = reach, 0 if causal else reach
+            chunk = max(1, min(WINDOW_ROWS, n))
+            left = min(l - 1, max(n - 1, 0))
+            right = 0 if causal else left
             extra = periods if periods > 1 else 0  # one period: every offset multiple of l is 0, in the band
-            offset_ok = (lambda d: (d >= 0) & (d < l)) if causal else (lambda d: d.abs() < l)
         else:
-            left = right = 0  # the chunk's own blocks; block-diagonal, not an offset mask (see local_visible)
+            chunk = max(1, min(WINDOW_ROWS // l, periods)) * l
+            left = right = 0  # the window's own blocks; block-diagonal
             extra = summary_count(n, l, c) if periods > 1 else 0  # one block: every summary column is in it
-            offset_ok = None
-        band = Band.make(L=n, q_start=0, q_stop=n, c=chunk, left=left, right=right, kv_lo=0, kv_hi=(n,),
-                         offset_ok=offset_ok)
-        step = max(1, budget // (chunk * (band.span + extra)))
-        if causal:  # a group sees the extra keys before its last row: more groups skip more of the causal triangle
-            step = min(step, max(1, -(-band.nc // CAUSAL_GROUPS)))
-        groups = []
-        for g0, g1, kind, t0 in _chunk_groups(band, step):
-            if extra == 0:
-                width = 0
-            elif pattern == "strided":  # rows of periods [g0·m, g1·m) see key periods a ≠ p (causal a < p)
-                width = min(extra, g1 * m - 1) if causal else extra
-            else:  # causal: summary columns of blocks before the group's last block
-                width = summary_count(min(n, g1 * chunk - l), l, c) if causal else extra
-            groups.append((g0, g1, kind, t0, max(width, 0)))
-        return cls(n=n, pattern=pattern, causal=causal, stride=l, summary=c, chunk=chunk, band=band,
-                   periods=periods, extra=extra, groups=tuple(groups))
+        return cls(n=n, pattern=pattern, causal=causal, stride=l, summary=c, chunk=chunk, left=left, right=right,
+                   span=left + chunk + right, chunks=-(-n // chunk), periods=periods, extra=extra)
+
+    @property
+    def n_pad(self) -> int:
+        return self.chunks * self.chunk
+
+    def scored_keys(self) -> int:
+        """Query-key products per sequence (padded rows included): windows·chunk·span, plus strided l residue
+        classes of P·P, fixed n·S."""
+        local = self.chunks * self.chunk * self.span
+        if not self.extra:
+            return local
+        if self.pattern == "strided":
+            return local + self.stride * self.periods * self.periods
+        return local + self.n * self.extra
 
     def local_visible(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """The local part of the pattern (disjoint from the extra keys): strided |i − j| < l, fixed ⌊i/l⌋ = ⌊j/l⌋;
@@ -123,10 +129,6 @@ class Geometry:
         l = self.stride
         vis = (i - j).abs() < l if self.pattern == "strided" else (i // l == j // l)
         return vis & (j <= i) if self.causal else vis
-
-    def scored_keys(self) -> int:
-        """Query-key products per sequence: Σ over groups of rows·(span + width) (padded rows included)."""
-        return sum((g1 - g0) * self.chunk * (self.band.span + w) for g0, g1, _, _, w in self.groups)
 
 
 @register(
@@ -157,25 +159,38 @@ class SparseTransformerAttention(PatternAttention):
     Causal (the paper's setting) intersects S(i) with {j ≤ i}; bidirectional is the pattern as written.
     Keys per row: strided ≈ 2l + N/l (causal l + i/l), fixed ≈ l + N·c/l; at l = √N both are O(√N).
 
-    eager (no N×N tensor): rows are cut into chunks of C = m·l rows (m = max(1, ⌊64/l⌋)), m whole periods or
-    blocks. The local part is an ``unfold`` view of each chunk's key span (strided: [t·C − (l − 1), t·C + C + l − 1),
-    causal [t·C − (l − 1), t·C + C); fixed: the chunk itself) with one additive mask shared by the inner chunks
-    (strided |i − j| < l, fixed the block diagonal; edge chunks get their own). The other part, disjoint from it:
-    - strided: the keys at offsets ±l·t, t ≥ 1, are i's residue class mod l. K and V are regrouped by residue
-      (l, ⌈N/l⌉, D) once (a strided view copied, as dilated attention does); a chunk's rows, regrouped the same
-      way, take one batched product per residue against their class: (l, periods of the chunk, ⌈N/l⌉) scores,
-      their own period (offset 0, in the band) and, causal, later periods masked;
-    - fixed: the N·c/l summary columns are gathered once (``index_select``) and shared by every row, those in
-      the row's own block masked (causal: those not in an earlier block), as Longformer's global keys.
-    Scores of both parts are concatenated before one softmax, so each key is counted once; groups of chunks
-    are processed in turn so that live scores stay under 2²² elements. Causal: a group scores only the extra
-    keys before its last row (at least 8 groups per sequence), the rest of its triangle is masked.
-    Cost: 4·B·H·D·Σ rows·(span + extra) FLOPs (``analytic_flops``, exactly what FlopCounterMode counts):
-    strided ≈ 4·B·H·N·D·(C + 2l + N/l), at the default l = √N (C = l for N ≥ 4096) 4·B·H·D·N·(4√N − 2), so
-    O(N^1.5·D); fixed ≈ 4·B·H·N·D·(C + N·c/l), O(N^1.5·D) at l = √N. At a fixed l the N/l strided keys
-    (N·c/l summary keys) per row make the work quadratic: there is no stride at which it is linear
-    (l + N/l ≥ 2√N). Memory: O(B·H·N·D) inference (plus one group's ≤ 2²² scores), O(B·H·N·(l + N/l))
-    (fixed O(B·H·N·(l + N·c/l))) saved for the backward: O(N·√N) at the default stride.
+    eager (no N×N tensor, every head at once): the two disjoint parts of S(i) are attended separately and
+    merged exactly. Part p gives, per row, its maximum score m_p, n_p = Σ_j e^{s_j − m_p}·v_j and
+    l_p = Σ_j e^{s_j − m_p}; with M = max(m_1, m_2) and a_p = e^{m_p − M} (no gradient: M cancels),
+    o = (a_1·n_1 + a_2·n_2) / (a_1·l_1 + a_2·l_2) is the softmax over the union, each key counted once, and the
+    backward keeps no per-part output (only o).
+    - local part: the B·H sequences are laid end to end (each padded to whole windows) and cut into windows of
+      C query rows (strided C = 64, any l; fixed C = m·l, m = max(1, ⌊64/l⌋) whole blocks). Window t sees one
+      contiguous key span, an ``unfold`` view of K and V (strided: [t·C − (l − 1), t·C + C + l − 1), causal
+      [t·C − (l − 1), t·C + C), on K, V padded once with l − 1 zero rows at either end; fixed: the window
+      itself). One additive (C, span) mask holds the offsets (strided |i − j| < l, fixed the block diagonal;
+      causal j ≤ i); keys outside the window's own sequence (the l − 1 next to a sequence's ends) are masked per
+      window from a small table of the few edge kinds.
+    - extra part: strided: the keys at offsets ±l·t, t ≥ 1, are i's residue class mod l. Q, K and V are
+      regrouped by residue, (B·H·l, ⌈N/l⌉, D) (a strided view copied, as dilated attention does), and each class
+      is dense attention over its ⌈N/l⌉ periods with its own period (offset 0, in the band) masked, causal
+      also the later ones. Fixed: the N·c/l summary columns are gathered once (``index_select``) and shared by
+      every row, those in the row's own block masked (causal: those not in an earlier block), as Longformer's
+      global keys.
+    Blocks: each part goes in blocks of windows, residue classes or rows sized from one byte budget of live
+    temporaries (``_budget.temp_budget``: 64 MiB on the CPU, 1 GiB on CUDA). A block's temporaries are its
+    scores, exponentiated in place (n, l and m, D + 2 numbers a row, are the part's output): a row costs
+    span·itemsize bytes (local), ⌈N/l⌉·itemsize (strided), B·H·S·itemsize + S per position (fixed, whose
+    mask is shared by the heads). So one call dispatches a constant number of ops (~60) plus ~10 to 13 per
+    block (counted on fake tensors, views included), with blocks of tens of thousands of rows at the default
+    sizes.
+    Cost: 4·B·H·D·(windows·C·span + extra) FLOPs (``analytic_flops``, exactly what FlopCounterMode counts),
+    extra = l·⌈N/l⌉² (strided) or N·S (fixed): strided ≈ 4·B·H·N·D·(64 + 2l + N/l), O(N^1.5·D) at the default
+    l = √N; fixed ≈ 4·B·H·N·D·(C + N·c/l), O(N^1.5·D) at l = √N. At a fixed l the N/l strided keys (N·c/l
+    summary keys) per row make the work quadratic: there is no stride at which it is linear (l + N/l ≥ 2√N).
+    Memory: O(B·H·N·D) inference (the regrouped and padded copies, the parts' outputs, plus one block's
+    budget), O(B·H·N·(l + N/l)) (fixed O(B·H·N·(l + N·c/l))) saved for the backward: O(N·√N) at the default
+    stride.
 
     Decode (causal):
     - strided: query i needs the last l positions and every earlier position ≡ i (mod l); over the steps every
@@ -225,96 +240,171 @@ class SparseTransformerAttention(PatternAttention):
         info["stride_from"] = "knob" if self.stride_knob > 0 else f"auto: sqrt(n) to a power of two at n {self.n}"
         if self.pattern == "fixed":
             info["summary"] = self.summary
+        geo = self.geometry(self.n)
+        info["chunk"], info["span"] = geo.chunk, geo.span
         return info
 
     # -- eager ---------------------------------------------------------------------------
+    temp_bytes: int | None = None  # live-temporary budget; None: _budget.temp_budget(device) (tests set it small)
+
     def _make_plan(self, N: int, device: torch.device, dtype: torch.dtype) -> dict:
         geo = self.geometry(N)
-        band, neg = geo.band, neg_for(dtype)
-        x = torch.arange(band.c, device=device)[:, None]  # (c, 1) row in its chunk
-        y = torch.arange(band.span, device=device)[None, :]  # (1, span) key in the chunk's span
-
-        def visible(t0: int, t1: int) -> torch.Tensor:  # (E, c, span) local part of chunks [t0, t1)
-            t = torch.arange(t0, t1, device=device)[:, None, None]
-            i, j = t * band.c + x, t * band.c - band.left + y
-            return geo.local_visible(i, j) & (j >= 0) & (j < N) & (i < N)
-
-        biases = {}
-        for t0, t1, kind in band.segments():  # inner chunks all alike: chunks start at multiples of l
-            biases[kind] = additive_bias(visible(t0, t0 + 1)[0] if kind == "mid" else visible(t0, t1), dtype, neg)
-        plan: dict = {"geo": geo, "band": band, "biases": biases, "neg": neg}
-        l = geo.stride
+        neg = neg_for(dtype)
+        C, span, l = geo.chunk, geo.span, geo.stride
+        x = torch.arange(C, device=device)[:, None]  # (C, 1) row in its window
+        y = torch.arange(span, device=device)[None, :]  # (1, span) key in the window's span
+        zero = torch.zeros((), dtype=dtype, device=device)
+        local = torch.where(geo.local_visible(x, y - geo.left), zero, neg)  # (C, span): window 0 of an endless row
+        # Keys of window t outside its sequence: y < left − t·C or y >= N + left − t·C. The few kinds of windows
+        # (the edge ones, and every inner one alike) each get a row of a table.
+        t = torch.arange(geo.chunks, device=device)[:, None]  # (chunks, 1)
+        bounds = torch.cat([(geo.left - t * C).clamp(0, span), (N + geo.left - t * C).clamp(0, span)], dim=1)
+        kinds, kind = torch.unique(bounds, dim=0, return_inverse=True)  # (K, 2), (chunks,)
+        outside = (y < kinds[:, :1]) | (y >= kinds[:, 1:])  # (K, span)
+        plan: dict = {"geo": geo, "neg": neg, "local": local, "zero": zero}
+        if bool(outside.any()):
+            plan["outside"], plan["kind"] = outside[:, None, :], kind  # (K, 1, span), (chunks,)
+            edge = outside.any(dim=1)[kind].tolist()  # windows t with keys outside their sequence
+            plan["edges_before"] = [0, *itertools.accumulate(edge)]  # (chunks + 1,) prefix counts
         if geo.extra and self.pattern == "strided":
-            a = torch.arange(geo.periods, device=device)[None, :]
-            r = torch.arange(l, device=device)[:, None]
-            plan["key_missing"] = (a * l + r >= N)[:, None, :]  # (l, 1, periods) key a·l + r past the end
+            p = torch.arange(geo.periods, device=device)
+            if self.causal:  # later periods and the own one (offset 0, in the band); bidirectional: the diagonal
+                plan["period_bias"] = torch.where(p[None, :] >= p[:, None], neg, zero)  # (P, P)
+            if N % l:  # residues r >= N mod l have no key in the last period
+                r = torch.arange(l, device=device)[:, None, None]  # (l, 1, 1)
+                plan["missing"] = (r >= N % l) & (p == geo.periods - 1)  # (l, 1, P)
         elif geo.extra:
             idx = summary_positions(N, l, geo.summary, device)  # (S,) the summary columns
             plan["summary_index"], plan["summary_block"] = idx, idx // l  # (S,) each
+            plan["row_block"] = (torch.arange(N, device=device) // l)[:, None]  # (N, 1)
         return plan
+
+    def _budget(self, device: torch.device) -> int:
+        return self.temp_bytes or temp_budget(device)
+
+    @staticmethod
+    def _has_edge(plan: dict, w0: int, w1: int) -> bool:
+        """Whether windows [w0, w1) of the sequences laid end to end include one with keys outside its sequence."""
+        before, chunks = plan["edges_before"], plan["geo"].chunks
+
+        def count(w: int) -> int:  # edge windows among the first w
+            return (w // chunks) * before[-1] + before[w % chunks]
+        return count(w1) > count(w0)
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict) -> torch.Tensor:
         B, H, N, D = q.shape
         geo = plan["geo"]
-        qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))  # (B·H, N, D)
-        extra = None
-        if geo.extra and self.pattern == "strided":  # K, V by residue: (B·H, l, periods, D), key a·l + r at [r, a]
-            length = geo.periods * geo.stride  # N padded to whole periods
-            extra = tuple(rows(t, 0, length).unflatten(1, (geo.periods, geo.stride)).transpose(1, 2).contiguous()
-                          for t in (kf, vf))
-        elif geo.extra:  # the summary columns: (B·H, S, D) each
-            extra = tuple(t.index_select(1, plan["summary_index"]) for t in (kf, vf))
-        outs = []
-        for s in range(B * H):
-            seq = (qf[s:s + 1], kf[s:s + 1], vf[s:s + 1])  # (1, N, D) each
-            mine = None if extra is None else (extra[0][s], extra[1][s])
-            pieces = [self._group(seq, mine, group, plan) for group in geo.groups]  # (E, c, D) each
-            outs.append(torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0])  # (nc, c, D)
-        out = torch.stack(outs, dim=0).flatten(1, 2)[:, :N]  # (B·H, N, D)
-        return out.unflatten(0, (B, H))  # (B, H, N, D)
+        qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))  # (BH, N, D)
+        if not geo.extra:
+            n1, l1, _ = self._local(qf, kf, vf, plan)  # (BH, N, D), (BH, N, 1), ·
+            return n1.div_(l1).view(B, H, N, D)
+        extra = self._residues if self.pattern == "strided" else self._summaries
+        n2, l2, m2 = extra(qf, kf, vf, plan)  # (BH, N, ·) each; strided: (BH, P, l, ·) views, row p·l + r at [p, r]
+        n1, l1, m1 = self._local(qf, kf, vf, plan)  # (BH, N, D), (BH, N, 1), (BH, N, 1)
+        out = n1  # the result is written into it
+        if n2.dim() == 4:  # the residue classes' rows, back in order
+            if geo.periods * geo.stride == N:  # a view of the local part's rows as (BH, P, l, ·): no copy
+                n1, l1, m1 = (t.view(n2.shape[:3] + t.shape[-1:]) for t in (n1, l1, m1))
+            else:
+                n2, l2, m2 = (t.reshape(B * H, -1, t.shape[-1]).narrow(1, 0, N) for t in (n2, l2, m2))
+        # One softmax over the union: each part is Σ e^{s − m_p}·v and Σ e^{s − m_p}; rescaled to a common
+        # M = max(m_1, m_2) (no gradient: M cancels) they add up. Only the output is kept for the backward.
+        with torch.no_grad():
+            top = torch.maximum(m1, m2)  # (BH, N, 1)
+            a1, a2 = (m1 - top).exp_(), (m2 - top).exp_()  # (BH, N, 1) each, <= 1
+        total = torch.addcmul(l1 * a1, l2, a2)  # (BH, N, 1) Σ over both parts of e^{s − M}
+        n1.mul_(a1).addcmul_(n2, a2).div_(total)  # in place on the local part's Σ e·v
+        return out.view(B, H, N, D)  # (B, H, N, D)
 
-    def _group(self, seq, extra, group, plan: dict) -> torch.Tensor:
-        """Chunks [g0, g1) of one sequence against their local span and their extra keys, one softmax: (E, c, D).
-        Cost 4·E·c·(span + width)·D FLOPs; live scores E·c·(span + width) elements."""
-        g0, g1, kind, t0, width = group
-        geo, band = plan["geo"], plan["band"]
-        q1, k1, v1 = seq
-        qc = query_chunks(q1, band, g0, g1)[0] * self.scale  # (E, c, D)
-        kc = key_spans(k1, band, g0, g1)[0]  # (E, span, D) overlapping view
-        vc = key_spans(v1, band, g0, g1)[0]  # (E, span, D)
-        s1 = torch.bmm(qc, kc.transpose(1, 2))  # (E, c, span)
-        s1 = s1 + (plan["biases"]["mid"] if kind == "mid" else plan["biases"][kind][g0 - t0:g1 - t0])
-        if width == 0:
-            return torch.bmm(torch.softmax(s1, dim=-1), vc)  # (E, c, D)
-        E, c, D = qc.shape
-        l, m, neg = geo.stride, c // geo.stride, plan["neg"]
-        span = band.span
-        if self.pattern == "strided":
-            kr, vr = extra[0][:, :width], extra[1][:, :width]  # (l, width, D): key periods a < width, by residue
-            P = E * m  # periods of the group's rows, p = g0·m …
-            qr = qc.reshape(P, l, D).transpose(0, 1)  # (l, P, D): row p·l + r at [r, p]
-            s2 = torch.bmm(qr, kr.transpose(1, 2))  # (l, P, width): q_{p·l+r}·k_{a·l+r}
-            per = torch.arange(g0 * m, g0 * m + P, device=qc.device)[:, None]  # (P, 1)
-            a = torch.arange(width, device=qc.device)[None, :]  # (1, width)
-            hide = (a >= per) if self.causal else (a == per)  # own period: in the band; causal: later ones
-            s2 = s2.masked_fill(hide[None] | plan["key_missing"][..., :width], neg)  # (l, P, width)
-            s2 = s2.transpose(0, 1).reshape(E, c, width)  # rows back in order
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict) -> tuple[torch.Tensor, ...]:
+        """The local part of every sequence: (BH, N, D) each -> the unnormalised Σ e·v (BH, N, D), Σ e (BH, N, 1)
+        and the row maxima m (BH, N, 1) of e = exp(s − m) (see ``_softmax_parts``).
+
+        Windows of C rows of the sequences laid end to end: (W, C, D) queries against (W, D, span) key views,
+        W = BH·chunks, in blocks of temp_budget / (span·itemsize) rows. Cost 4·W·C·span·D FLOPs."""
+        geo = plan["geo"]
+        G, N, D = q.shape
+        C, span, Np = geo.chunk, geo.span, geo.n_pad
+        W = G * geo.chunks
+        if Np > N:  # each sequence padded to whole windows (zero rows, masked as outside their sequence)
+            q, k, v = (F.pad(t, (0, 0, 0, Np - N)) for t in (q, k, v))  # (BH, Np, D)
+        if geo.left or geo.right:  # the first and last window's keys reach past the ends of the flat layout
+            def padded(t: torch.Tensor) -> torch.Tensor:  # (L + BH·Np + R, D): left and right zero rows at the ends
+                return torch.cat([t.new_zeros(geo.left, D), t.reshape(G * Np, D), t.new_zeros(geo.right, D)])
+            kw = padded(k).unfold(0, span, C)  # (W, D, span) view
+            vw = padded(v).unfold(0, span, C).transpose(1, 2)  # (W, span, D) view
         else:
-            ks, vs = extra[0][:width], extra[1][:width]  # (width, D) summary columns (causal: a prefix)
-            s2 = torch.mm(qc.reshape(E * c, D), ks.transpose(0, 1)).view(E, m, l, width)
-            blocks = torch.arange(g0 * m, g1 * m, device=qc.device).view(E, m, 1, 1)  # each row's block
-            sblk = plan["summary_block"][:width].view(1, 1, 1, width)
-            hide = (sblk >= blocks) if self.causal else (sblk == blocks)  # own block: in the local part
-            s2 = s2.masked_fill(hide, neg).view(E, c, width)
-        p = torch.softmax(torch.cat([s1, s2], dim=-1), dim=-1)  # (E, c, span + width)
-        o = torch.bmm(p[..., :span], vc)  # (E, c, D)
-        p2 = p[..., span:]  # (E, c, width)
-        if self.pattern == "strided":
-            p2 = p2.reshape(E * m, l, width).transpose(0, 1)  # (l, P, width)
-            o2 = torch.bmm(p2, vr).transpose(0, 1).reshape(E, c, D)  # (E, c, D)
-        else:
-            o2 = torch.mm(p2.reshape(E * c, width), vs).view(E, c, D)  # (E, c, D)
-        return o + o2
+            kw, vw = k.reshape(W, C, D).transpose(1, 2), v.reshape(W, C, D)  # (W, D, C), (W, C, D) views
+        step = rows_within(self._budget(q.device), span * q.element_size(), W * C, multiple=C) // C
+        kinds = plan["kind"].repeat(G) if "outside" in plan else None  # (W,) kind of each window
+        outs, maxes, sums = [], [], []
+        scores = _Scratch(q, step, W, (C, span))
+        for w0, qb, kb, vb in zip(range(0, W, step), *(_split(t, step) for t in (q.reshape(W, C, D), kw, vw))):
+            s = torch.baddbmm(plan["local"], qb, kb, alpha=self.scale, out=scores.take(len(qb)))  # (Wb, C, span)
+            if kinds is not None and self._has_edge(plan, w0, w0 + qb.shape[0]):  # keys of other sequences
+                s.masked_fill_(plan["outside"].index_select(0, kinds.narrow(0, w0, qb.shape[0])), plan["neg"])
+            _softmax_parts(s, vb, outs, maxes, sums)
+            del s  # before the next block's scores exist
+        del qb, kb, vb, kw, vw, k, v, scores
+        parts = (t.view(G, Np, -1) for t in _join(outs, sums, maxes))  # (BH, Np, D), (BH, Np, 1), (BH, Np, 1)
+        return tuple(t.narrow(1, 0, N) if Np > N else t for t in parts)  # (BH, N, ·)
+
+    def _residues(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict) -> tuple[torch.Tensor, ...]:
+        """The strided keys: each residue class mod l is dense attention over its P = ⌈N/l⌉ periods, its own period
+        (offset 0, in the band) masked, causal also the later ones. (BH, N, D) each -> Σ e·v, Σ e, m as ``_local``,
+        as (BH, P, l, ·) views (row p·l + r at [p, r]; rows past N when l does not divide it).
+
+        Q, K, V regrouped (BH·l, P, D) (copies), in blocks of temp_budget / (P·itemsize) rows. Cost 4·BH·l·P²·D
+        FLOPs."""
+        geo = plan["geo"]
+        G, N, D = q.shape
+        l, P = geo.stride, geo.periods
+
+        def by_residue(t: torch.Tensor) -> torch.Tensor:  # (BH, N, D) -> (BH·l, P, D), key a·l + r at [g·l + r, a]
+            if P * l > N:
+                t = F.pad(t, (0, 0, 0, P * l - N))  # (BH, P·l, D)
+            return t.view(G, P, l, D).transpose(1, 2).reshape(G * l, P, D)
+
+        blocks = [by_residue(q), by_residue(k).transpose(1, 2), by_residue(v)]  # (BH·l, P, D), (BH·l, D, P), ·
+        if "missing" in plan:
+            blocks.append(plan["missing"].repeat(G, 1, 1))  # (BH·l, 1, P) keys past the end
+        step = rows_within(self._budget(q.device), P * q.element_size(), G * l * P, multiple=P) // P
+        outs, maxes, sums = [], [], []
+        scores = _Scratch(q, step, G * l, (P, P))
+        for qb, kb, vb, *missing in zip(*(_split(t, step) for t in blocks)):
+            out = scores.take(len(qb))
+            if self.causal:  # later periods and the own one (offset 0, in the band) masked
+                s = torch.baddbmm(plan["period_bias"], qb, kb, alpha=self.scale, out=out)  # (Bb, P, P)
+            else:  # the own period only: the diagonal (an additive bias would cost a pass over the scores)
+                s = torch.baddbmm(plan["zero"], qb, kb, beta=0, alpha=self.scale, out=out)  # (Bb, P, P)
+                s.diagonal(dim1=1, dim2=2).fill_(plan["neg"])
+            if missing:
+                s.masked_fill_(missing[0], plan["neg"])
+            _softmax_parts(s, vb, outs, maxes, sums)
+            del s  # before the next block's scores exist
+        del blocks, qb, kb, vb, missing, scores
+        return tuple(t.view(G, l, P, -1).transpose(1, 2) for t in _join(outs, sums, maxes))  # (BH, P, l, ·) views
+
+    def _summaries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict) -> tuple[torch.Tensor, ...]:
+        """The summary columns, shared by every row of a sequence: (BH, N, D) each -> Σ e·v, Σ e, m as ``_local``.
+
+        Rows in blocks of positions across all BH sequences, temp_budget / (BH·S·itemsize + S) positions a block
+        (the (rows, S) mask is shared by the heads). Cost 4·BH·N·S·D FLOPs."""
+        G, N, _ = q.shape
+        idx, sblk = plan["summary_index"], plan["summary_block"]
+        S = idx.shape[0]
+        ks = k.index_select(1, idx).mul_(self.scale).transpose(1, 2)  # (BH, D, S) scaled summary keys
+        vs = v.index_select(1, idx)  # (BH, S, D)
+        step = rows_within(self._budget(q.device), G * S * q.element_size() + S, N)
+        outs, maxes, sums = [], [], []
+        scores = _Scratch(q, step, N, (G, S), dim=1)  # (BH, step, S)
+        for qb, rb in zip(_split(q, step, dim=1), _split(plan["row_block"], step)):  # (BH, rows, D), (rows, 1)
+            s = torch.bmm(qb, ks, out=scores.take(qb.shape[1]))  # (BH, rows, S)
+            s.masked_fill_(sblk >= rb if self.causal else sblk == rb, plan["neg"])  # own block: in the local part
+            _softmax_parts(s, vs, outs, maxes, sums)
+            del s  # before the next block's scores exist
+        del qb, rb, scores
+        return _join(outs, sums, maxes, dim=1)  # (BH, N, D), (BH, N, 1), (BH, N, 1)
 
     # -- decode --------------------------------------------------------------------------
     def decode_init(self, k: torch.Tensor, v: torch.Tensor, capacity: int):
@@ -390,5 +480,47 @@ class SparseTransformerAttention(PatternAttention):
                        stride: int = 0, summary: int = 8, kv_heads: int = 0) -> int:
         """Exactly what FlopCounterMode counts for the eager kernel (padded rows of the last chunk included)."""
         l = resolve_stride(stride, n)
-        geo = Geometry.make(n=n, pattern=pattern, stride=l, summary=summary, causal=causal)
+        geo = Geometry.make(n=n, pattern=pattern, stride=l, summary=min(summary, l), causal=causal)
         return 4 * batch * heads * head_dim * geo.scored_keys()
+
+
+class _Scratch:
+    """One block's score buffer, reused by every block of a call when nothing needs a block's scores afterwards
+    (no autograd) and there are several blocks. On the CPU a fresh tensor of 32 MiB or more comes from new mmap
+    pages (glibc), whose page faults cost ~0.5 ms per MiB on every block; one buffer pays that once a call.
+    Otherwise ``take`` gives None (``out=None``: a fresh tensor)."""
+
+    def __init__(self, like: torch.Tensor, step: int, total: int, shape: tuple[int, ...], dim: int = 0):
+        reuse = step < total and not torch.is_grad_enabled()
+        self.dim = dim
+        self.buf = like.new_empty(*shape[:dim], step, *shape[dim:]) if reuse else None  # step rows along dim
+
+    def take(self, rows: int) -> torch.Tensor | None:
+        if self.buf is None:
+            return None
+        return self.buf if rows == self.buf.shape[self.dim] else self.buf.narrow(self.dim, 0, rows)
+
+
+def _split(t: torch.Tensor, step: int, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """Blocks of ``step`` along ``dim`` (views; the tensor itself when it is one block)."""
+    return (t,) if step >= t.shape[dim] else t.split(step, dim=dim)
+
+
+def _softmax_parts(s: torch.Tensor, v: torch.Tensor, outs: list, maxes: list, sums: list) -> None:
+    """One block's softmax in place on its scores s (B, rows, keys) against v (B, keys, D): appends the
+    unnormalised output e·v, the row maxima m and the sums Σ e of e = exp(max(s − m, −80)) (m without gradient: it
+    cancels). The floor keeps exp in its fast range (an argument of −3e38, a masked score, costs it ~8×); it changes
+    a weight of at most e^-80 ≈ 2e-35 against the row's largest, 1 (invisible in a float32 or float64 sum). The shift
+    and the floor are outside autograd, which sees e = exp(s): exact gradients but for those tiny weights'."""
+    with torch.no_grad():
+        m = s.amax(dim=-1, keepdim=True)  # (B, rows, 1)
+        s.sub_(m).clamp_min_(EXP_FLOOR)  # masked scores (≈ −3e38) and far ones: exp's fast range, weight <= e^-80
+    e = s.exp_()  # (B, rows, keys) in place
+    sums.append(e.sum(dim=-1, keepdim=True))  # (B, rows, 1), >= 1
+    outs.append(torch.bmm(e, v))  # (B, rows, D)
+    maxes.append(m)
+
+
+def _join(*lists: list, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """Each list of block pieces joined along ``dim``."""
+    return tuple(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim) for pieces in lists)

@@ -105,26 +105,36 @@ def test_error_against_dense_falls_with_rounds(causal):
     assert err[8] < 0.6 * err[1], err
 
 
-def test_head_groups_give_the_same_result():
-    m = build(100, True, rounds=2, bucket=16)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_blocks_give_the_same_result(rounds, causal):
+    """A tiny byte budget (one hashed row, one window per block) gives the one-block result, forward and gradients."""
+    m = build(100, causal, rounds=rounds, bucket=16)
     q, k, v = inputs(100)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
     whole = m(q, k, v)
-    m.SCORE_BUDGET = 1  # one head per group (instance attribute overrides the class budget)
-    torch.testing.assert_close(m(q, k, v), whole, atol=1e-6, rtol=0)
+    want = torch.autograd.grad(whole, (q, v), g)
+    m.temp_bytes = 1  # instance attribute overrides the device budget
+    out = m(q, k, v)
+    torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
+    for got, ref in zip(torch.autograd.grad(out, (q, v), g), want):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # inference: the blocks share one score buffer
+        torch.testing.assert_close(m(q, k, v), whole, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("n_buckets", [4, 22, 300])
 def test_hash_is_argmax_of_rotations_and_negations(n_buckets):
     m = SPEC.build(head_dim=D, heads=H, n=500, causal=False, seed=3, rounds=2, bucket=16, buckets=n_buckets)
-    m.HASH_BLOCK = 1000  # several row blocks
+    m.temp_bytes = 10_000  # several row blocks
     x = torch.randn(H, 500, D, generator=torch.Generator().manual_seed(0))
     x[0, 7] = 0.0  # all-zero projection: every column ties, argmax takes the first
     buckets = m.hash(x)
-    assert buckets.shape == (H, 2, 500)
+    assert buckets.shape == (H, 500, 2)
     for r in range(2):
         proj = x @ m.rotations[:, r, :]
         expected = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
-        assert torch.equal(buckets[:, r], expected)
+        assert torch.equal(buckets[..., r], expected)
 
 
 def test_rotations_from_seed_and_default_buckets():

@@ -184,6 +184,37 @@ def test_analytic_flops_are_the_counted_ones(n, knobs, causal):
     assert flops < 4 * B * H * n * n * D
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_strided_forward_and_gradients_when_the_stride_divides_n(causal):
+    """l | N: the residue classes' outputs are merged as a (BH, P, l, ·) view of the local part's rows, in place."""
+    n = 1024  # l = 32, P = 32, windows of 64 rows: nothing padded
+    m32, m64 = build(causal, n=n), build(causal, torch.float64, n=n)
+    q, k, v = (t.requires_grad_() for t in qkv(n=n))
+    assert_matches_reference(m32, m64, q, k, v)
+
+
+@pytest.mark.parametrize("knobs", [{"pattern": "strided", "stride": 37}, {"pattern": "strided"},
+                                   {"pattern": "fixed", "stride": 37, "summary": 5}], ids=lambda k: "-".join(map(str, k.values())))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_blocks_give_the_same_result(knobs, causal):
+    """Tiny byte budgets (one window, residue class or row a block; then three windows a block, so that some blocks
+    hold no window at a sequence's ends and skip that mask) give the one-block result, forward and gradients."""
+    m = build(causal, **knobs)
+    q, k, v = (t.requires_grad_() for t in qkv())
+    g = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(3))
+    whole = m(q, k, v)
+    want = torch.autograd.grad(whole, (q, k, v), g)
+    span = m.geometry(N).span
+    for budget in (1, 3 * 64 * span * 4):
+        m.temp_bytes = budget  # instance attribute overrides the device budget
+        out = m(q, k, v)
+        torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
+        for got, ref in zip(torch.autograd.grad(out, (q, k, v), g), want):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        with torch.no_grad():  # inference: the blocks share one score buffer
+            torch.testing.assert_close(m(q, k, v), whole, atol=1e-6, rtol=0)
+
+
 # --------------------------------------------------------------------------- the fixed pattern's contract
 
 FIXED = {"pattern": "fixed", "stride": 38, "summary": 5}  # 777 = 3·7·37: the contract's awkward stride is 38
