@@ -80,19 +80,25 @@ def format_ticks(ax, metric: str) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=2, numticks=14))
     ax.xaxis.set_major_formatter(FuncFormatter(tick_n))
     ax.xaxis.set_minor_locator(NullLocator())
-    if metric == "time":
-        ax.yaxis.set_major_formatter(FuncFormatter(tick_ms))
-        lo, hi = ax.get_ylim()
-        if hi / lo < 30:  # less than ~1.5 decades: label 2× and 5× too
-            ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-            ax.yaxis.set_minor_formatter(FuncFormatter(tick_ms))
-        else:
-            ax.yaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.yaxis.set_major_locator(LogLocator(base=2, numticks=12))
-        ax.yaxis.set_major_formatter(FuncFormatter(tick_bytes))
-        ax.yaxis.set_minor_locator(NullLocator())
+    format_metric_axis(ax.yaxis, metric, ax.get_ylim(), short_span=30)
     ax.grid(True, which="major", alpha=0.3)
+
+
+def format_metric_axis(axis, metric: str, limits: tuple[float, float], short_span: float) -> None:
+    """One axis (``ax.xaxis`` or ``ax.yaxis``) of a time or memory metric: ms (with 2× and 5× between decades
+    when the span ``limits`` is shorter than ``short_span``), or bytes at powers of two."""
+    lo, hi = limits
+    if metric == "time":
+        axis.set_major_formatter(FuncFormatter(tick_ms))
+        if hi / lo < short_span:  # a short span: label 2× and 5× too
+            axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+            axis.set_minor_formatter(FuncFormatter(tick_ms))
+        else:
+            axis.set_minor_formatter(NullFormatter())
+    else:
+        axis.set_major_locator(LogLocator(base=2, numticks=12))
+        axis.set_major_formatter(FuncFormatter(tick_bytes))
+        axis.set_minor_locator(NullLocator())
 
 
 def new_figure(width: float = 10.0, height: float = 6.0, nrows: int = 1, ncols: int = 1, layout: str | None = None):

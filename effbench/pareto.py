@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, NullFormatter
 from matplotlib.transforms import blended_transform_factory
 
 from .analysis import POSITION, Analysis, fmt_value
@@ -41,9 +41,8 @@ from .figure_base import (
     FAMILY_MARKERS,
     PALETTE,
     PlotResult,
+    format_metric_axis,
     new_figure,
-    tick_bytes,
-    tick_ms,
 )
 from .fits import BASELINES
 from .status import Status
@@ -463,19 +462,7 @@ def _baseline_marks(ax, base: pd.DataFrame, col: str, exact_y: float, result: Pl
 
 def _cost_ticks(ax, metric: str) -> None:
     """Cost axis labels: ms with 2× and 5× between decades when the span is short; bytes at powers of two."""
-    lo, hi = ax.get_xlim()
-    if metric == "time":
-        ax.xaxis.set_major_formatter(FuncFormatter(tick_ms))
-        if hi / lo < 100:
-            ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-            ax.xaxis.set_minor_formatter(FuncFormatter(tick_ms))
-        else:
-            ax.xaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.xaxis.set_major_locator(LogLocator(base=2, numticks=12))
-        ax.xaxis.set_major_formatter(FuncFormatter(tick_bytes))
-        ax.xaxis.set_minor_locator(NullLocator())
-
+    format_metric_axis(ax.xaxis, metric, ax.get_xlim(), short_span=100)
 
 def _front_line(ax, fr: Frontier, metric: str, col: str, exact_y: float, result: PlotResult) -> None:
     """The front of one panel: a step line through its points (cheapest first), each numbered beside its marker
