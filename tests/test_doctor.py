@@ -1,6 +1,7 @@
 """`effbench doctor`: on this machine every CPU reading agrees with dense attention's closed forms; a wrong reading
 (planted by replacing what the sweep's code reads) fails the check named after it; the CUDA branch runs on fakes."""
 
+import contextlib
 import io
 import tomllib
 from pathlib import Path
@@ -96,13 +97,15 @@ def test_tolerances():
 # ------------------------------------------------------------------- planted wrong readings
 
 def _wrong_tracker(monkeypatch):
-    real = memory_mod.tracked_peak
+    real = memory_mod.track
 
-    def tracked_peak(fn):
-        peak, result = real(fn)
-        return (peak if isinstance(result, FakeTensor) else peak + 4096), result  # the real pass only, not the prediction
+    def track(fn, tracker=None):
+        t, result = real(fn, tracker)
+        if not isinstance(result, FakeTensor):  # the real pass only, not the prediction
+            t.peak += 4096
+        return t, result
 
-    monkeypatch.setattr(memory_mod, "tracked_peak", tracked_peak)
+    monkeypatch.setattr(memory_mod, "track", track)
 
 
 def _wrong_rss(monkeypatch):
@@ -111,8 +114,15 @@ def _wrong_rss(monkeypatch):
 
 
 def _wrong_flops(monkeypatch):
-    real = flops_mod.count_flops
-    monkeypatch.setattr(flops_mod, "count_flops", lambda fn: (lambda r: (r[0] * 2, r[1]))(real(fn)))
+    real = flops_mod.counting
+
+    @contextlib.contextmanager
+    def counting():
+        with real() as found:
+            yield found
+        found.total *= 2
+
+    monkeypatch.setattr(flops_mod, "counting", counting)
 
 
 PLANTS = {"tracker": _wrong_tracker, "rss": _wrong_rss, "flops": _wrong_flops, None: lambda mp: None}
