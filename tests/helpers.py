@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -60,3 +61,18 @@ def assert_matches_reference(m32, m64, q: torch.Tensor, k: torch.Tensor, v: torc
         if got is not None:
             torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
     return grads, refs
+
+
+def cli_fails(args: Sequence[str], *needles: str) -> str:
+    """``effbench ARGS`` exits 2 with one clean message (no traceback) holding every needle; the message, one line."""
+    from typer.testing import CliRunner
+
+    from effbench.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert "Traceback" not in r.output
+    text = " ".join(r.output.split())
+    for needle in needles:
+        assert needle in text, text
+    return text

@@ -3,23 +3,15 @@
 from pathlib import Path
 
 import pytest
+from helpers import cli_fails
 from typer.testing import CliRunner
 
 from effbench import results
 from effbench.cli import app
 
 runner = CliRunner()
+_fails = cli_fails
 PLUGIN = str(Path(__file__).parent / "plugins" / "faulty.py")
-
-
-def _fails(args, *needles):
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2, (r.exit_code, r.output)
-    assert "Traceback" not in r.output
-    text = " ".join(r.output.split())
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 def test_list_shows_registry():

@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from helpers import cli_fails
 from typer.testing import CliRunner
 
 import mechanisms
@@ -17,18 +18,9 @@ from effbench.options import explicit_options, make_cases
 from effbench.presets import PresetError, expand_preset, load_preset
 
 runner = CliRunner()
+_fails = cli_fails
 FA = "flashattention-2022"
 FA_MECHS = ["dense", "sdpa", "reformer", "local", "linformer", "sparse-transformer", "longformer", "bigbird"]
-
-
-def _fails(args, *needles):
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2, (r.exit_code, r.output)
-    assert "Traceback" not in r.output
-    text = " ".join(r.output.split())
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 # ------------------------------------------------------------------------------ the shipped files
