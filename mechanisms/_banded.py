@@ -40,7 +40,6 @@ from ._budget import rows_within, temp_budget
 
 OffsetFn = Callable[[torch.Tensor], torch.Tensor]  # d = i - j -> visible inside the band
 
-SCORE_BUDGET = 1 << 22  # scores (elements) per group of sparse_transformer's Geometry (not used by the kernels here)
 
 
 def default_scale(head_dim: int) -> float:
@@ -216,18 +215,6 @@ def band_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band, bia
         pieces.append(o)
     out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]  # (SB, nc, c, D)
     return out.flatten(1, 2)[:, :band.rows]  # (SB, rows, D)
-
-
-def _chunk_groups(band: Band, step: int) -> list[tuple[int, int, str, int]]:
-    """[(g0, g1, kind, t0)]: interior chunks in groups of at most ``step``, each edge segment whole.
-
-    ``t0`` is the first chunk of the group's segment (edge biases are indexed from it).
-    """
-    groups = []
-    for t0, t1, kind in band.segments():
-        size = step if kind == "mid" else t1 - t0
-        groups += [(g0, min(t1, g0 + size), kind, t0) for g0 in range(t0, t1, size)]
-    return groups
 
 
 # ------------------------------------------------------ band + extra keys, one softmax (flat layout)
