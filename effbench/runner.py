@@ -20,7 +20,6 @@ The parent only waits, with a timeout, and classifies (a :class:`Status`):
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import signal
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import decoding, plugins, workload
+from . import decoding, plugins, workers, workload
 from .cases import Case
 from .devices import is_cuda
 from .errors import one_line
@@ -40,12 +39,7 @@ from .status import Status
 
 Report = Callable[[dict[str, Any]], None]  # the child's way to send fields to the parent as it measures them
 
-_CTX: Any = None
 STARTUP_LIMIT_S = 120.0
-# Imported once by the fork server, so each case's child starts with them loaded.
-_PRELOAD = ["torch", "torch._subclasses.fake_tensor", "torch.utils.flop_counter", "torch.utils.benchmark",
-            "mechanisms", "effbench.runner", "effbench.workload", "effbench.measure.memory",
-            "effbench.measure.flops", "effbench.measure.timing", "effbench._forkserver_warm"]
 
 
 @dataclass(frozen=True)
@@ -65,16 +59,7 @@ class RunOptions:
     flush_l2: bool = True  # CUDA: write a buffer larger than L2 before each timed sample (do_bench's convention)
 
 
-def _context():
-    global _CTX
-    if _CTX is None:
-        methods = mp.get_all_start_methods()
-        if "forkserver" in methods:
-            _CTX = mp.get_context("forkserver")
-            _CTX.set_forkserver_preload(_PRELOAD)
-        else:  # pragma: no cover - macOS/Windows
-            _CTX = mp.get_context("spawn")
-    return _CTX
+_context = workers.context
 
 
 # ------------------------------------------------------------------------ child side
@@ -114,26 +99,43 @@ def _tracked_and_counted(call: Callable[[], Any], backward: bool) -> tuple[memor
         return tracker, None
 
 
+def _module_state(module: torch.nn.Module) -> tuple:
+    """What a module that builds state on its first call changes: over the module tree, each attribute's name,
+    the object bound to it and, for a dict, list or set, its length (a cache that gained an entry)."""
+    return tuple((id(m), name, id(value), len(value) if isinstance(value, (dict, list, set)) else -1)
+                 for m in module.modules() for name, value in vars(m).items())
+
+
 def predict(case: Case) -> Prediction:
     """Predicted peak bytes (and FLOPs) of one call, on fake tensors: nothing of size N is allocated.
 
     The module is built for real (its parameters are small), the inputs are fake
     tensors; the storage tracker and FlopCounterMode both work on fake tensors, so the
-    prediction reads the same quantities as the real passes. One untracked warm call comes
-    first, as the real passes measure a warm call.
+    prediction reads the same quantities as the real passes, which measure a warm call. A forward call that
+    leaves nothing behind (no tensor it made outlives it, the module is unchanged) is its own warm call, so the
+    first call is tracked, and tracked again only when it did leave something: at N = 1M a call on fake tensors
+    takes seconds (~10⁴ ops), and a second one is as long. With a backward, an untracked warm call comes first.
     """
     module, _ = workload.build_module(case)
     params = workload.param_bytes(module)
+    # FakeTensorMode's dispatch cache (on by default) answers an op it has seen with the same metadata without
+    # running its meta kernel again: a blocked kernel repeats the same few ops on same-shaped blocks, so at N = 1M
+    # it halves a prediction. The tracker sees the same storages either way (test_runner checks a prediction with
+    # and without it, twice in one process, on many blocks).
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # FakeTensorMode's dispatch cache is shared by every mode in the process: an op answered from it returns
-    # outputs the tracker may see differently from a first call, so a second prediction in one process could
-    # differ from the first. Off, every prediction is made the way a fresh child makes it.
-    mode.cache_enabled = False
     with mode:
+        twins = memory.hold_fake_twins(module, mode)  # noqa: F841 - held: each real buffer converted once
         inputs, call = workload.make_call(case, module)
         input_bytes = int(sum(t.untyped_storage().nbytes() for t in inputs)) + params
-        call()  # warm, as the real passes measure a warm call: lazily built state is not part of the peak
-        tracker, counted = _tracked_and_counted(call, backward=case.mode == "fwd+bwd")
+        backward = case.mode == "fwd+bwd"
+        if backward:
+            call()  # warm: a backward leaves gradients behind, so its first call always holds something after it
+        before = _module_state(module)
+        tracker, counted = _tracked_and_counted(call, backward)
+        if not backward and (tracker.current or _module_state(module) != before):
+            # The call left something behind (a tensor it made outlived it, or the module changed): it built state
+            # lazily, so it was the warm-up; the real passes measure a warm call, and so does the next one.
+            tracker, counted = _tracked_and_counted(call, backward)
     return Prediction(predicted_bytes=int(tracker.peak), param_bytes=params, input_bytes=input_bytes, flops=counted,
                       ops=tracker.dispatched)
 
@@ -144,8 +146,8 @@ def predict_decode(case: Case) -> Prediction:
     with the inputs for the budget: it is held for the whole case."""
     module, _ = decoding.build_decode_module(case)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    mode.cache_enabled = False  # as in predict()
     with mode:
+        twins = memory.hold_fake_twins(module, mode)  # noqa: F841 - as in predict()
         w = decoding.decode_workload(case, module)
         held, _ = w.fill()
         w.step()  # warm

@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 import torch
 
 from effbench.cases import Case
@@ -65,6 +67,60 @@ def test_prediction_equals_measured_tracker_peak():
         w.call()
         measured, _ = tracked_peak(w.call)
         assert predict(case).predicted_bytes == measured
+
+
+@pytest.mark.parametrize("name,mode,causal", [("longformer", "fwd", False), ("reformer", "fwd", True),
+                                              ("performer", "fwd+bwd", True)])
+def test_prediction_same_with_and_without_fake_dispatch_cache(monkeypatch, name, mode, causal):
+    """Predictions run with FakeTensorMode's dispatch cache on (it answers the repeated ops of a blocked kernel):
+    with a small block budget (dozens of blocks), a prediction with the cache, another one after it in the same
+    process and one with the cache off all read the same bytes, ops and FLOPs, and equal the real tracked peak."""
+    import mechanisms._budget as budget
+    from effbench import runner
+
+    monkeypatch.setattr(budget, "CPU_TEMP_BYTES", 96 * 1024)
+    case = Case(mechanism=name, n=1031, batch=2, heads=2, head_dim=32, mode=mode, causal=causal)
+    cached = [predict(case) for _ in range(2)]
+
+    class Uncached(runner.FakeTensorMode):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.cache_enabled = False
+
+    monkeypatch.setattr(runner, "FakeTensorMode", Uncached)
+    uncached = predict(case)
+    got = {(p.predicted_bytes, p.ops, p.flops[0], tuple(p.flops[1])) for p in (*cached, uncached)}
+    assert len(got) == 1, got
+    assert uncached.ops > 100  # many blocks: the cache had repeats to answer
+    w = prepare(case)
+    w.call()
+    measured, _ = tracked_peak(w.call)
+    assert uncached.predicted_bytes == measured
+
+
+def test_fake_twins_held_for_every_real_tensor_a_module_keeps():
+    """Real tensors a module keeps in buffers, parameters and attributes (dicts, lists, dataclasses) get one fake
+    twin each, memoised for as long as the list is held."""
+    from dataclasses import dataclass
+
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from effbench.measure.memory import hold_fake_twins
+
+    @dataclass
+    class Plan:
+        bias: torch.Tensor
+        rows: list
+
+    m = torch.nn.Linear(3, 2)
+    m.register_buffer("buf", torch.zeros(4))
+    m.plans = {1: Plan(torch.ones(5), [torch.ones(6), 7])}
+    m.child = torch.nn.Linear(2, 2, bias=False)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    twins = hold_fake_twins(m, mode)
+    assert sorted(t.numel() for t in twins) == [2, 4, 4, 5, 6, 6]  # bias, buffer, child weight, plan, list, weight
+    assert all(isinstance(t, FakeTensor) for t in twins)
+    assert mode.from_tensor(m.plans[1].bias) is next(t for t in twins if t.numel() == 5)
 
 
 def test_prediction_of_huge_dense_allocates_nothing():

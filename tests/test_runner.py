@@ -117,3 +117,28 @@ def test_an_unknown_field_reported_by_a_stage_fails_the_case_by_name(monkeypatch
     monkeypatch.setattr(runner, "_report_build", lambda w, report: report({"input_bytes": 5}))
     r = runner.measure_in_process(Case(mechanism="dense", n=16, heads=1, head_dim=8), _opts(predict=False))
     assert r.status is Status.ERROR and r.error == "ResultsError: not result columns: input_bytes"
+
+
+@pytest.mark.parametrize("mechanism", ["plant-lazy", "plant-lazy-dict"])
+def test_prediction_of_a_mechanism_that_builds_state_on_its_first_call(monkeypatch, mechanism):
+    """A prediction tracks the first forward call and keeps it only when it left nothing behind; a mechanism that
+    builds a table on its first call is tracked again, so the prediction is a warm call's peak, the one measured."""
+    from effbench import runner
+
+    tracked = []
+    original = runner._tracked_and_counted
+
+    def counting(call, backward):
+        tracked.append(backward)
+        return original(call, backward)
+
+    monkeypatch.setattr(runner, "_tracked_and_counted", counting)
+    case = Case(mechanism=mechanism, n=257, batch=2, heads=2, head_dim=16)
+    row = runner.measure_in_process(case, _opts(warmup=1))
+    assert row.status == Status.OK, row.error
+    assert len(tracked) == 2  # the cold call was the warm-up
+    output = 2 * 2 * 257 * 16 * 4
+    assert row.predicted_bytes == row.peak_tensor_bytes == output  # the table (257·64 floats) is not in the peak
+    tracked.clear()
+    assert runner.predict(Case(mechanism="sdpa", n=257, batch=2, heads=2, head_dim=16)).predicted_bytes > 0
+    assert len(tracked) == 1  # a call that leaves nothing behind is its own warm-up

@@ -49,8 +49,12 @@ def count_case_ops(case, sized_for: str | None = None) -> int:
 
     from ..workload import build_module, make_call
 
+    from ..measure.memory import hold_fake_twins
+
     module, _ = build_module(case)
-    with FakeTensorMode(allow_non_fake_inputs=True), (blocks_sized_for(sized_for) if sized_for else contextlib.nullcontext()):
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, (blocks_sized_for(sized_for) if sized_for else contextlib.nullcontext()):
+        twins = hold_fake_twins(module, mode)  # noqa: F841 - held: each real buffer converted once
         _, call = make_call(case, module)
         call()  # warm: lazily built buffers are not part of a call
         return count_ops(call).total

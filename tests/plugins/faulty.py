@@ -65,3 +65,33 @@ class Slow(_Base):
     def forward(self, q, k, v):
         time.sleep(0.3)
         return v.clone()
+
+
+@register(name="plant-lazy", family="exact", complexity="O(1)")
+class BuildsOnFirstCall(_Base):
+    """Correct (v scaled by one) but builds a (N, 4·D) table on its first call and keeps it, as a rotary or
+    position cache does: a cold call's peak includes the table, a warm call's does not."""
+
+    def __init__(self, *, head_dim, heads, n, causal, seed):
+        super().__init__(head_dim=head_dim, heads=heads, n=n, causal=causal, seed=seed)
+        self.table = None
+
+    def forward(self, q, k, v):
+        if self.table is None:
+            self.table = torch.ones(v.shape[-2], 4 * v.shape[-1], dtype=v.dtype, device=v.device)  # (N, 4D)
+        return v * self.table[: v.shape[-2], :1]  # (B, H, N, D)
+
+
+@register(name="plant-lazy-dict", family="exact", complexity="O(1)")
+class CachesInADict(_Base):
+    """Like plant-lazy, but the table goes into a dict made in __init__ (the attribute stays the same object)."""
+
+    def __init__(self, *, head_dim, heads, n, causal, seed):
+        super().__init__(head_dim=head_dim, heads=heads, n=n, causal=causal, seed=seed)
+        self.tables = {}
+
+    def forward(self, q, k, v):
+        n = v.shape[-2]
+        if n not in self.tables:
+            self.tables[n] = torch.ones(n, 4 * v.shape[-1], dtype=v.dtype, device=v.device)  # (N, 4D)
+        return v * self.tables[n][:, :1]  # (B, H, N, D)
