@@ -1,3 +1,3 @@
-from effbench.cli import main
+from effbench.workers import main
 
 main()
