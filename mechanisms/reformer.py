@@ -16,14 +16,16 @@ from .base import Fidelity, Knob, decreasing, register
 
 @register(
     name="reformer", family="hashing",
-    complexity="O(N·R·(c + n_b)·D + N·R·log N)", memory="O(N·(c + D))",
+    complexity="O(N·R·(c + √n_b)·D + N·R·log N)", memory="O(N·(c + D))",
     knobs=[
         Knob("rounds", default=1, axis="rounds", minimum=1, small=2, help="hash rounds R"),
         Knob("bucket", default=64, axis="bucket", minimum=1, small=48, length=True, sweep=(16, 32, 64, 128),
              help="chunk length c of the sorted sequence"),
         Knob("buckets", default=0, minimum=0,
-             help="number of hash buckets n_b (even); 0 = 2·ceil(N/c) ≈ 2N/c, the paper's choice, whose "
-                  "hashing costs N·D·n_b ≈ 2N²·D/c FLOPs; a fixed n_b keeps FLOPs linear in N"),
+             help="number of hash buckets n_b (even), one rotation of n_b/2 columns; 0 = HuggingFace's default, "
+                  "2N/c rounded down to a power of two (the paper's choice), factorised into two powers of two "
+                  "f1·f2 once above 2·max(√(N/c), c): hashing then costs N·D·(f1 + f2) ≈ N^1.5 FLOPs; a fixed "
+                  "n_b keeps FLOPs linear in N"),
     ],
 )
 class ReformerAttention(nn.Module):
@@ -35,7 +37,11 @@ class ReformerAttention(nn.Module):
     argument is ignored and gets no gradient.
 
     Hashing: R_r (D, n_b/2) random rotations drawn from ``seed`` at build; round r puts
-    position i in bucket argmax([q_i R_r ; −q_i R_r]) (no gradient). Each round
+    position i in bucket argmax([q_i R_r ; −q_i R_r]) (no gradient). The default n_b is
+    HuggingFace's (``_set_num_buckets``): 2^⌊log2(2·⌊N/c⌋)⌋, and above 2·max(⌊√⌊N/c⌋⌋, c) it is
+    factorised as HF does, n_b = f1·f2 with f1 = 2^⌊p/2⌋, f2 = 2^(p−⌊p/2⌋): R_r is then
+    (D, f1/2 + f2/2), its first f1/2 columns hash into b1 = argmax([q_i R_r1; −q_i R_r1]), the
+    rest into b2 the same way, and the bucket is b1 + f1·b2. Each round
     stable-sorts the positions by (bucket, position) and cuts the sorted order into
     chunks of c; a query sees every key of its own chunk and of the previous chunk.
     Rounds are independent: chunk 0 of a round wraps to the *last chunk of the same
@@ -53,18 +59,19 @@ class ReformerAttention(nn.Module):
     often as it is visible: o = softmax(s + log c) v, where c_ij = number of rounds in
     which j is visible to i (0 = masked). ``reference`` computes that densely.
 
-    Cost per round: hashing N·D·n_b FLOPs (2N²·D/c with the default n_b ≈ 2N/c: FLOPs
-    are linear in N only for a fixed ``buckets``), sorting N log N, attention 4·N·2c·D
+    Cost per round: hashing N·D·n_b FLOPs for one rotation, N·D·(f1 + f2) ≈ 2N·D·√(2N/c)
+    factorised (the default above the limit: FLOPs grow as N^1.5, linear in N only for a fixed
+    ``buckets``), sorting N log N, attention 4·N·2c·D
     FLOPs (plus the G−1 windows straddling two heads). Memory O(N·(c + D)) whatever R:
     rounds run one after the other, every head of a round at once. Work goes in blocks
     sized from one byte budget of live temporaries (``_budget.temp_budget``: 64 MiB on the
-    CPU, 1 GiB on CUDA): a hashed row costs its R·n_b/2 float32 projections, a sorted query
+    CPU, 1 GiB on CUDA): a hashed row costs its R·Σf/2 float32 projections, a sorted query
     row its 2c scores and their softmax (4c·itemsize bytes; 2c·itemsize with several rounds),
     so a call dispatches a constant number of ops (~65, ~60 more per extra round) plus ~4 per
-    hashing block and ~8 (causal ~10; several rounds ~12, ~14) per block of windows (counted on
-    fake tensors, views included): blocks of tens of thousands of rows at the default sizes
-    (with the default n_b ≈ 2N/c a hashed row costs 4N/c bytes, so hashing blocks shrink as N
-    grows). No N×N tensor and no duplicate-count tensor.
+    hashing block (~2 more per extra factor) and ~8 (causal ~10; several rounds ~12, ~14) per block
+    of windows (counted on fake tensors, views included): blocks of tens of thousands of rows at
+    the default sizes (a hashed row costs 2·Σf bytes, ~770 at N = 1M). No N×N tensor and no
+    duplicate-count tensor.
     """
 
     fidelity = (Fidelity("rounds", (1, 2, 4, 8), (decreasing(),), why="more rounds, fewer neighbours lost to hashing"),)
@@ -89,12 +96,13 @@ class ReformerAttention(nn.Module):
         self.causal = causal
         self.rounds = rounds
         self.bucket = bucket
-        n_chunks = max(1, math.ceil(n / bucket))
-        self.n_buckets = buckets if buckets else 2 * n_chunks
-        if self.n_buckets < 2 or self.n_buckets % 2:
+        self.factors = bucket_factors(n, bucket, buckets)  # (n_b,) or HF's factorisation (f1, f2)
+        self.n_buckets = math.prod(self.factors)
+        if any(f < 2 or f % 2 for f in self.factors):
             raise ValueError(f"reformer: buckets must be even and >= 2, got {self.n_buckets}")
         g = torch.Generator(device="cpu").manual_seed(seed)
-        rotations = torch.randn(head_dim, rounds, self.n_buckets // 2, generator=g)  # (D, R, n_b/2)
+        columns = sum(f // 2 for f in self.factors)
+        rotations = torch.randn(head_dim, rounds, columns, generator=g)  # (D, R, Σf/2)
         self.register_buffer("rotations", rotations)
 
     @classmethod
@@ -106,7 +114,7 @@ class ReformerAttention(nn.Module):
         return reasons
 
     def build_info(self) -> dict:
-        return {"n_buckets": self.n_buckets}
+        return {"n_buckets": self.n_buckets, "bucket_factors": "·".join(map(str, self.factors))}
 
     # ------------------------------------------------------------------ pieces
 
@@ -120,34 +128,43 @@ class ReformerAttention(nn.Module):
 
     @torch.no_grad()
     def hash(self, x: torch.Tensor) -> torch.Tensor:
-        """Buckets of every round: argmax([xR_r; −xR_r]), first maximum on ties. x (G, N, D) -> (G, N, R) int64.
+        """Buckets of every round: Σ_f (Π_{f'<f} f') · argmax([xR_rf; −xR_rf]), first maximum on ties.
+        x (G, N, D) -> (G, N, R) int64.
 
-        Without forming the concatenation: per row and round, max(xR) at its first index names a bucket of
-        the first half, min(xR) at its first index one of the second; the first half wins when max ≥ −min:
-        the index torch.argmax would return. All rounds share one matmul over the G·N rows, in blocks whose
-        live temporaries are the projections, R·n_b/2 float32 a row (4 ops a block; the maxima, minima and
-        their indices, 24·R bytes a row, are the output). With the default n_b ≈ 2N/c the projections total
-        O(N²/c) bytes, so the number of blocks grows as N² there (a fixed ``buckets`` keeps it linear).
+        Without forming the concatenations: per row, round and factor, max(xR) at its first index names a bucket
+        of the first half, min(xR) at its first index one of the second; the first half wins when max ≥ −min:
+        the index torch.argmax would return. All rounds and factors share one matmul over the G·N rows, in
+        blocks whose live temporaries are the projections, R·Σf/2 float32 a row (1 + 2 per factor ops a block;
+        the maxima, minima and their indices, 24·R bytes a row per factor, are the output).
         """
-        D, R, half = self.rotations.shape
+        D, R, cols = self.rotations.shape
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # hash fp16/bf16 inputs in float32
-        rot = self.rotations.to(x.dtype).view(D, R * half)  # (D, R·h), h = n_b/2
+        rot = self.rotations.to(x.dtype).view(D, R * cols)  # (D, R·Σh), h = f/2 per factor
         G, N, _ = x.shape
-        step = rows_within(self._budget(x.device), R * half * x.element_size(), G * N)
-        extremes = [], [], [], []  # max, its index, min, its index: (rows[, R]) pieces
+        halves = [f // 2 for f in self.factors]
+        step = rows_within(self._budget(x.device), R * cols * x.element_size(), G * N)
+        extremes = [([], [], [], []) for _ in halves]  # per factor: max, its index, min, its index: (rows, R) pieces
         # One block's projections, reused: on the CPU a fresh tensor above 32 MiB comes from new mmap pages
         # (glibc), ~0.5 ms per MiB of page faults on every block.
-        buf = x.new_empty(step, R * half)  # (step, R·h)
+        buf = x.new_empty(step, R * cols)  # (step, R·Σh)
         for xb in _split(x.reshape(G * N, D), step):  # (rows, D)
-            proj = torch.mm(xb, rot, out=buf if len(xb) == step else buf.narrow(0, 0, len(xb)))  # (rows, R·h)
-            if R > 1:
-                proj = proj.view(-1, R, half)  # (rows, R, h)
-            for pieces, value in zip(extremes, (*proj.max(dim=-1), *proj.min(dim=-1))):  # first index of each
-                pieces.append(value)
+            proj = torch.mm(xb, rot, out=buf if len(xb) == step else buf.narrow(0, 0, len(xb)))  # (rows, R·Σh)
+            proj = proj.view(-1, R, cols)  # (rows, R, Σh)
+            start = 0
+            for half, found in zip(halves, extremes):
+                part = proj if half == cols else proj.narrow(-1, start, half)  # (rows, R, h)
+                for pieces, value in zip(found, (*part.max(dim=-1), *part.min(dim=-1))):  # first index of each
+                    pieces.append(value)
+                start += half
             del proj
         del buf
-        hi, i_hi, lo, i_lo = (_cat(t) for t in extremes)  # (G·N[, R]) each
-        return torch.where(hi >= lo.neg_(), i_hi, i_lo.add_(half)).view(G, N, R)  # (G, N, R)
+        bucket, scale = None, 1
+        for half, found in zip(halves, extremes):
+            hi, i_hi, lo, i_lo = (_cat(t) for t in found)  # (G·N, R) each
+            b = torch.where(hi >= lo.neg_(), i_hi, i_lo.add_(half))  # (G·N, R) bucket of this factor
+            bucket = b if bucket is None else bucket.add_(b.mul_(scale))  # b1 + f1·b2
+            scale *= 2 * half
+        return bucket.view(G, N, R)  # (G, N, R)
 
     def _self_score(self, dtype: torch.dtype) -> float:
         return self.SELF_SCORE_FP16 if dtype == torch.float16 else self.SELF_SCORE
@@ -296,6 +313,18 @@ class ReformerAttention(nn.Module):
             count = count * (i[None, :] <= i[:, None]).to(q.dtype)
         s = s + torch.log(count)  # log 0 = -inf: not visible
         return torch.matmul(torch.softmax(s, dim=-1), v)  # (B, H, N, D)
+
+
+def bucket_factors(n: int, bucket: int, buckets: int) -> tuple[int, ...]:
+    """The bucket count as factors: ``(buckets,)`` when given, else HuggingFace's ``_set_num_buckets`` with its
+    ``max_position_embeddings`` = N: n_b = 2^p, p = ⌊log2(2·⌊N/c⌋)⌋ (at least 2 buckets), split into
+    (2^⌊p/2⌋, 2^(p−⌊p/2⌋)) when n_b > 2·max(⌊√⌊N/c⌋⌋, c)."""
+    if buckets:
+        return (buckets,)
+    p = max(1, (2 * (n // bucket)).bit_length() - 1)
+    if 2 ** p > 2 * max(math.isqrt(n // bucket), bucket):
+        return 2 ** (p // 2), 2 ** (p - p // 2)
+    return (2 ** p,)
 
 
 @dataclass

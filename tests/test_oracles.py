@@ -168,8 +168,12 @@ def reformer_oracle(m, q, v, causal, rounds, c):
     pos = torch.arange(N)
     count = torch.zeros(B, H, N, N, dtype=torch.float64)
     for r in range(rounds):
-        proj = x @ m.rotations[:, r, :].to(x.dtype)  # (B, H, N, n_b/2)
-        bucket = torch.cat([proj, -proj], -1).argmax(-1)  # (B, H, N)
+        proj = x @ m.rotations[:, r, :].to(x.dtype)  # (B, H, N, Σ f/2)
+        bucket, start, scale = 0, 0, 1
+        for f in m.factors:  # HF: factor f's f/2 columns hash into argmax([p; −p]); bucket = b1 + f1·b2
+            part = proj[..., start:start + f // 2]
+            bucket = bucket + scale * torch.cat([part, -part], -1).argmax(-1)  # (B, H, N)
+            start, scale = start + f // 2, scale * f
         slot = (bucket * N + pos).argsort(-1).argsort(-1)  # rank of (bucket, position)
         chunk = slot // c
         ci, cj = chunk[..., :, None], chunk[..., None, :]
@@ -185,9 +189,11 @@ def reformer_oracle(m, q, v, causal, rounds, c):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_reformer_matches_docstring_buckets(causal, dtype):
-    rounds, c = 2, 48
+@pytest.mark.parametrize("c", [48, 8], ids=["one-rotation", "factorised"])
+def test_reformer_matches_docstring_buckets(causal, dtype, c):
+    rounds = 2
     m = build("reformer", causal, dtype, rounds=rounds, bucket=c, buckets=0)
+    assert len(m.factors) == (2 if c == 8 else 1)
     q, k, v = qkv(dtype=dtype)
     with torch.no_grad():
         out = m(q, k, v)

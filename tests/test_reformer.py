@@ -141,10 +141,41 @@ def test_rotations_from_seed_and_default_buckets():
     a = SPEC.build(head_dim=D, heads=H, n=1000, causal=False, seed=7, rounds=3, bucket=64)
     b = SPEC.build(head_dim=D, heads=H, n=1000, causal=False, seed=7, rounds=3, bucket=64)
     c = SPEC.build(head_dim=D, heads=H, n=1000, causal=False, seed=8, rounds=3, bucket=64)
-    assert a.n_buckets == 2 * math.ceil(1000 / 64) == 32
-    assert a.rotations.shape == (D, 3, 16)
+    assert a.n_buckets == 16 and a.factors == (16,)  # 2·⌊1000/64⌋ = 30, down to a power of two
+    assert a.rotations.shape == (D, 3, 8)
     assert torch.equal(a.rotations, b.rotations) and not torch.equal(a.rotations, c.rotations)
     assert "rotations" in dict(a.named_buffers())
+
+
+@pytest.mark.parametrize("n,bucket,factors", [
+    (4096, 64, (128,)),  # 2·64 = 128, not above the limit 2·max(8, 64) = 128
+    (8192, 64, (16, 16)),  # 256 > 128: factorised
+    (16384, 64, (16, 32)),  # HF at N = 16384, c = 64: num_buckets [16, 32]
+    (1 << 20, 64, (128, 256)),  # 32768 buckets from 192 rotation columns
+    (1000, 8, (8, 16)),  # 2·125 = 250 -> 128 > 2·max(11, 8) = 22
+    (40, 64, (2,)),  # one chunk: never hashed, but a valid count
+])
+def test_default_bucket_count_is_huggingfaces(n, bucket, factors):
+    from mechanisms.reformer import bucket_factors
+
+    assert bucket_factors(n, bucket, 0) == factors
+    assert bucket_factors(n, bucket, 22) == (22,)  # given: one rotation of 11 columns
+    m = SPEC.build(head_dim=D, heads=H, n=n, causal=False, seed=0, rounds=2, bucket=bucket)
+    assert m.rotations.shape == (D, 2, sum(f // 2 for f in factors))
+
+
+def test_factorised_hash_is_b1_plus_f1_b2():
+    m = SPEC.build(head_dim=D, heads=H, n=1000, causal=False, seed=3, rounds=2, bucket=8)
+    assert m.factors == (8, 16)
+    m.temp_bytes = 10_000  # several row blocks
+    x = torch.randn(H, 1000, D, generator=torch.Generator().manual_seed(0))
+    buckets = m.hash(x)
+    assert buckets.shape == (H, 1000, 2) and int(buckets.max()) < 128
+    for r in range(2):
+        proj = x @ m.rotations[:, r, :]  # (H, N, 4 + 8)
+        b1 = torch.cat([proj[..., :4], -proj[..., :4]], dim=-1).argmax(dim=-1)
+        b2 = torch.cat([proj[..., 4:], -proj[..., 4:]], dim=-1).argmax(dim=-1)
+        assert torch.equal(buckets[..., r], b1 + 8 * b2)
 
 
 def test_check_refuses_odd_buckets():
@@ -164,9 +195,21 @@ def test_linear_memory_and_flops_backward():
     assert_linear(rows)
 
 
-def test_default_buckets_memory_linear_hashing_flops_not():
-    """Default n_b = 2N/c: hashing costs N·D·n_b = O(N²·D/c) FLOPs (stated in the docstring);
-    memory stays linear (hashing runs in blocks whose size does not grow with N)."""
+def test_default_buckets_memory_linear_hashing_flops_n_to_the_1_5():
+    """Default n_b (HF's, factorised above its limit): hashing costs 2·G·N·D·R·(f1 + f2)/2 FLOPs, which grows as
+    N^1.5 (the unfactorised 2N/c buckets would grow as N²), counted on fake tensors up to N = 1M; memory stays
+    linear (hashing runs in blocks whose size does not grow with N)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from effbench.measure.flops import count_flops
+
     rows = growth("reformer", [1024, 2048, 4096], knobs={"bucket": 32, "rounds": 1})
     assert_linear([(n, m, 1) for n, m, _ in rows])
-    assert rows[-1][2] / rows[-2][2] > 2.3
+    flops = {}
+    for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20):
+        m = SPEC.build(head_dim=64, heads=8, n=n, causal=False, seed=0, rounds=1, bucket=64)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(8, n, 64)
+            flops[n], _ = count_flops(lambda: m.hash(x))
+        assert flops[n] == 2 * 8 * n * 64 * sum(f // 2 for f in m.factors)
+    assert [flops[4 * n] / flops[n] for n in (1 << 14, 1 << 16, 1 << 18)] == [8.0, 8.0, 8.0]  # (4N)^1.5 / N^1.5
