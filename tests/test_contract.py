@@ -25,6 +25,7 @@ import torch
 
 import mechanisms
 from effbench.cases import Case
+from effbench.measure import memory
 from effbench.status import Status
 from effbench.verify import check_fidelity
 from effbench.verify.implementation import run_pair
@@ -151,6 +152,22 @@ def test_ops_per_call_do_not_grow_with_n(mechanism_mode):
     small, large = (count_case_ops(c, sized_for="cuda") for c in cases)
     assert large <= MAX_OPS, f"{name} {mode_label(spec, causal)}: {large} ops per call at n={OPS_N[1]}"
     assert large <= MAX_OPS_GROWTH * small, f"{name} {mode_label(spec, causal)}: ops {small} -> {large}"
+
+
+def test_predicted_ops_equal_the_real_calls(mechanism_mode):
+    """The ``ops`` an estimate reports (counted on fake tensors) are the ops the real call dispatches, one for one:
+    a fake tensor's ``.device`` dispatches a metadata query that a real tensor answers without one."""
+    from effbench.runner import predict
+    from effbench.workload import prepare
+
+    name, causal = mechanism_mode
+    case = Case(mechanism=name, n=1031, batch=2, heads=2, head_dim=32, causal=causal)
+    if mechanisms.get(name).unsupported(case):
+        pytest.skip("; ".join(mechanisms.get(name).unsupported(case)))
+    w = prepare(case)
+    w.call()
+    real, _ = memory.track(w.call)
+    assert predict(case).ops == real.dispatched, f"{name} {mode_label(mechanisms.get(name), causal)}"
 
 
 def test_prediction_equals_tracked_peak(mechanism, request):

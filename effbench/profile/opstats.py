@@ -9,6 +9,8 @@ from typing import Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..measure.memory import METADATA_OPS
+
 CALL_LABEL = "effbench::call"  # a record_function range around each profiled call, so the trace shows the calls
 
 
@@ -26,7 +28,8 @@ class OpCounter(TorchDispatchMode):
         return sum(self.by_op.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.by_op[func._schema.name] += 1
+        if func not in METADATA_OPS:  # a fake tensor's ``.device`` dispatches; a real one's launches nothing
+            self.by_op[func._schema.name] += 1
         return func(*args, **(kwargs or {}))
 
 
