@@ -17,7 +17,8 @@ numerator and the denominator together.
   from earlier blocks), never by a cumulative sum over N per-position F×(D+1) outer products.
 
 Blocks are sized in bytes (:mod:`mechanisms._budget`): rows per block = temp_budget(device) // (bytes of
-live temporaries one row costs), each pass stating its cost, so one call dispatches a constant plus a few
+live temporaries one row costs; the two bidirectional passes are *streaming*, 16 MiB on the CPU, the causal
+form 64 MiB), each pass stating its cost, so one call dispatches a constant plus a few
 ops per block of thousands of rows, and peak memory is the inputs and output plus at most the budget (the
 state and the carried totals are O(F·D), not O(N)). Under ``torch.no_grad()`` each block's result is
 written straight into the output; with autograd the blocks are concatenated (and autograd keeps each
@@ -45,12 +46,14 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 BLOCK_ELEMENTS: int | None = None  # tests only: blocks of this many elements of (G, L, width), not the byte budget
 
 
-def block_rows(n: int, row_bytes: int, device: torch.device | str, multiple: int = 1, *, elements: int) -> int:
-    """Rows per block: ``temp_budget(device) // row_bytes`` (a multiple of ``multiple``, no more than the padded
-    sequence), ``row_bytes`` being the live temporaries of one row. With :data:`BLOCK_ELEMENTS` set (tests, so
-    that small sizes run several blocks), ``BLOCK_ELEMENTS // elements`` rows instead, ``elements`` being one
-    row of the block's widest temporary."""
-    budget = temp_budget(device) if BLOCK_ELEMENTS is None else BLOCK_ELEMENTS * row_bytes // max(1, elements)
+def block_rows(n: int, row_bytes: int, device: torch.device | str, multiple: int = 1, *, elements: int,
+               streaming: bool = False) -> int:
+    """Rows per block: ``temp_budget(device, streaming=streaming) // row_bytes`` (a multiple of ``multiple``, no
+    more than the padded sequence), ``row_bytes`` being the live temporaries of one row. With
+    :data:`BLOCK_ELEMENTS` set (tests, so that small sizes run several blocks), ``BLOCK_ELEMENTS // elements`` rows
+    instead, ``elements`` being one row of the block's widest temporary."""
+    budget = (temp_budget(device, streaming=streaming) if BLOCK_ELEMENTS is None
+              else BLOCK_ELEMENTS * row_bytes // max(1, elements))
     return rows_within(budget, row_bytes, n, multiple)
 
 
@@ -103,7 +106,8 @@ def key_state(k: torch.Tensor, v: torch.Tensor, *, feature_k: FeatureMap, featur
     what the feature map holds at once per row, at least F) and [v 1]."""
     g, n, d = k.shape
     work = work or k.dtype
-    rows = block_rows(n, g * (feature_floats + d + 1) * work.itemsize, k.device, elements=g * feature_floats)
+    rows = block_rows(n, g * (feature_floats + d + 1) * work.itemsize, k.device, elements=g * feature_floats,
+                      streaming=True)
     state = None
     for s, kb, vb in blocks(rows, k, v):
         fkt = feature_k(kb.to(work), s).transpose(1, 2)  # (G, F, L)
@@ -123,7 +127,7 @@ def read_state(q: torch.Tensor, state: torch.Tensor, *, feature_q: FeatureMap, f
     gq, n, d = q.shape
     gk, f, d1 = state.shape
     rows = block_rows(n, gq * (feature_floats + d1 + 1) * state.dtype.itemsize, q.device,
-                      elements=gq * feature_floats)
+                      elements=gq * feature_floats, streaming=True)
     out = None if grad else q.new_empty(gq, n, d)
     parts = []
     for s, qb, ob in blocks(rows, q, out):

@@ -90,7 +90,8 @@ class CosformerAttention(nn.Module):
     B·H·⌈N/C⌉·(8·C·D·(D+1) + 2·C²·(3D+1)) FLOPs in products, plus 8·D·(D+1)/C uncounted additions per
     position (the cumulative sums, under 1%). fp16/bf16 are summed in float32 (z grows with N).
 
-    Blocks (sized by the byte budget of mechanisms/_budget.py; features and the cos/sin table made block by
+    Blocks (sized by the byte budget of mechanisms/_budget.py: 16 MiB on the CPU for the two streaming
+    bidirectional passes, 64 MiB causal, 1 GiB on CUDA; features and the cos/sin table made block by
     block): a row of the key pass costs G·(3D+1) elements of live temporaries (φ(k), [v 1]), of the read
     G·(3D+2) (φ(q), [num | den], den + eps), causal G·(7D + 3 + C + 1 + ⌈4D(D+1)/C⌉) (φ(q), φ(k), [v 1],
     two products, the C×C scores, den, the chunk states and their prefixes), plus 2 for the table; G = B·H (B·Hkv

@@ -67,7 +67,8 @@ class LinearAttention(nn.Module):
     never a cumulative sum over N outer products): B·H·⌈N/C⌉·(4·C·D·(D+1) + 2·C²·(2D+1)) FLOPs
     in products, plus 4·D·(D+1)/C uncounted additions per position (the cumulative sums, under 1%).
 
-    Blocks (mechanisms/_prefix.py, sized by the byte budget of mechanisms/_budget.py): a row of the
+    Blocks (mechanisms/_prefix.py, sized by the byte budget of mechanisms/_budget.py: 16 MiB on the CPU for the
+    two streaming bidirectional passes, 64 MiB causal, 1 GiB on CUDA): a row of the
     key pass costs G·(2D+1) elements of live temporaries (φ(k), [v 1]), of the read G·(2D+2) (φ(q),
     [num | den], den + eps), causal G·(5D + 3 + C + 1 + ⌈2D(D+1)/C⌉) (φ(q), φ(k), [v 1], two
     products, the C×C scores, den + eps, the chunk states and their prefixes); G = B·H (B·Hkv for the key pass). Memory

@@ -171,7 +171,8 @@ class PerformerAttention(nn.Module):
     blocks of a given device (the prefix and the padding of the last block to whole groups depend on it;
     ``analytic_flops`` takes the CPU's, float32).
 
-    Blocks (sized by the byte budget of mechanisms/_budget.py, G = B·H, B·Hkv for the key pass): a row of the
+    Blocks (sized by the byte budget of mechanisms/_budget.py: the key pass and the read are streaming passes,
+    16 MiB on the CPU, the causal form 64 MiB, 1 GiB on CUDA; G = B·H, B·Hkv for the key pass): a row of the
     key pass costs G·(m + D + 4) elements of live temporaries (the m features, [v 1], three scalars), of the
     read G·(m + D + 4) (the m features and two scalars, [num | den], den), causal
     G·:func:`causal_row_elements` (2m + 3(D+1) + 4C + ⌈2m(D+1)/C⌉ + 8); causal blocks are whole groups of t
@@ -375,7 +376,7 @@ class PerformerAttention(nn.Module):
         scalars (h, the shift, the stabiliser)."""
         g, n, d = k.shape
         m = self.features
-        rows = block_rows(n, g * (m + d + 4) * k.dtype.itemsize, k.device, elements=g * m)
+        rows = block_rows(n, g * (m + d + 4) * k.dtype.itemsize, k.device, elements=g * m, streaming=True)
         wt = w.T.expand(g, d, m)  # (G, D, m)
         total = run_max = None
         for _, x, vb in blocks(rows, k, v):  # x (G, L, D)
