@@ -464,6 +464,7 @@ def _cost_ticks(ax, metric: str) -> None:
     """Cost axis labels: ms with 2× and 5× between decades when the span is short; bytes at powers of two."""
     format_metric_axis(ax.xaxis, metric, ax.get_xlim(), short_span=100)
 
+
 def _front_line(ax, fr: Frontier, metric: str, col: str, exact_y: float, result: PlotResult) -> None:
     """The front of one panel: a step line through its points (cheapest first), each numbered beside its marker
     and listed, with error and cost, in a box in the empty upper right of the panel."""

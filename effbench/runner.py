@@ -59,9 +59,6 @@ class RunOptions:
     flush_l2: bool = True  # CUDA: write a buffer larger than L2 before each timed sample (do_bench's convention)
 
 
-_context = workers.context
-
-
 # ------------------------------------------------------------------------ child side
 
 @dataclass
@@ -407,7 +404,7 @@ def run_in_child(target, args: tuple, timeout: float, record):
     """Run ``target(conn, *args)`` in a child of the fork server and collect what it reports into ``record``
     (anything with ``update`` and ``status``): a timeout kills the child, a child that dies says how; the
     record's ``wall_s`` is set. Shared by sweeps (``run_case``) and ``effbench profile``."""
-    ctx = _context()
+    ctx = workers.context()
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=target, args=(child, *args), daemon=True)
     proc.start()

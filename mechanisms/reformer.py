@@ -77,7 +77,7 @@ class ReformerAttention(nn.Module):
     fidelity = (Fidelity("rounds", (1, 2, 4, 8), (decreasing(),), why="more rounds, fewer neighbours lost to hashing"),)
     exact_at: ClassVar[dict] = {"rounds": 1, "bucket": "N"}  # one chunk, one round: dense shared-QK attention
     exact_label = "dense shared-QK"
-    linear_at: ClassVar[dict] = {"buckets": 64}  # the default n_b ≈ 2N/c makes hashing FLOPs quadratic
+    linear_at: ClassVar[dict] = {"buckets": 64}  # the default (HF's factorised n_b) makes hashing FLOPs grow as N^1.5
 
     supports_causal = True
     no_decode_reason = ("not implemented: a new token's LSH bucket neighbours come from re-sorting every past key "

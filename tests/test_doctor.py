@@ -141,9 +141,9 @@ def _planted_doctor(conn, reading):
 
 
 def doctor_in_fresh_child(reading):
-    from effbench.runner import _context
+    from effbench.workers import context
 
-    ctx = _context()
+    ctx = context()
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_planted_doctor, args=(child, reading), daemon=True)
     proc.start()

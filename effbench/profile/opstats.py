@@ -41,26 +41,18 @@ def count_ops(fn: Callable[[], Any]) -> OpCounter:
 
 
 def count_case_ops(case, sized_for: str | None = None) -> int:
-    """The aten ops one call of ``case`` dispatches (one kernel launch each on a GPU), counted on fake tensors
-    after a warm call: nothing of size N is allocated, so N = 1M costs no memory. The module is built for real.
-    ``sized_for="cuda"``: with blocks sized as on a GPU (``mechanisms._budget``), the count a GPU call dispatches."""
+    """The aten ops one call of ``case`` dispatches (one kernel launch each on a GPU), as the prediction counts them
+    on fake tensors (:func:`effbench.runner.predict`, equal to the real call's count): nothing of size N is
+    allocated, so N = 1M costs no memory. ``sized_for="cuda"``: with blocks sized as on a GPU
+    (``mechanisms._budget``), the count a GPU call dispatches."""
     import contextlib
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mechanisms._budget import sized_for as blocks_sized_for
 
-    from ..workload import build_module, make_call
+    from ..runner import predict
 
-    from ..measure.memory import hold_fake_twins
-
-    module, _ = build_module(case)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode, (blocks_sized_for(sized_for) if sized_for else contextlib.nullcontext()):
-        twins = hold_fake_twins(module, mode)  # noqa: F841 - held: each real buffer converted once
-        _, call = make_call(case, module)
-        call()  # warm: lazily built buffers are not part of a call
-        return count_ops(call).total
+    with blocks_sized_for(sized_for) if sized_for else contextlib.nullcontext():
+        return predict(case).ops
 
 
 # --------------------------------------------------------------------------- profiler
