@@ -110,7 +110,7 @@ class ReformerAttention(nn.Module):
               rounds: int, bucket: int, buckets: int) -> list[str]:
         reasons = []
         if buckets and (buckets < 2 or buckets % 2):
-            reasons.append(f"buckets must be even and >= 2 (or 0 for 2·ceil(N/c)), got {buckets}")
+            reasons.append(f"buckets must be even and >= 2 (or 0 for HuggingFace's count, about 2N/c), got {buckets}")
         return reasons
 
     def build_info(self) -> dict:
